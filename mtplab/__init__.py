@@ -1,0 +1,15 @@
+"""mtplab: see speculative decoding and multi-token prediction work — a real, recorded speculative decoder."""
+from . import sampling, theory
+from .decoder import SpeculativeDecoder
+from .drafters import Draft, Drafter, DraftModelDrafter, LayerSkipDrafter, PromptLookupDrafter
+from .models import Target, fetch_bundled, load_model, load_target, tiny_random_target, truncated_copy
+from .sampling import SamplingConfig
+from .trace import Round, Trace, speedup
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SpeculativeDecoder", "Draft", "Drafter", "DraftModelDrafter", "LayerSkipDrafter", "PromptLookupDrafter",
+    "Target", "fetch_bundled", "load_model", "load_target", "tiny_random_target", "truncated_copy",
+    "SamplingConfig", "Round", "Trace", "speedup", "sampling", "theory",
+]

@@ -1,0 +1,196 @@
+"""The decoding loop: draft -> verify in one target pass -> accept/reject -> roll caches back -> emit a Round.
+
+Without a drafter the same loop is plain autoregressive decoding (every round drafts nothing and the target
+emits one token), so speculative and plain runs share every line of sampling and caching code.
+
+Cache convention: the target's KV cache always holds every token except the newest one (the "pending" token).
+A round feeds ``[pending] + draft`` (k+1 tokens) through the target once; logits row i scores the token after
+input i, so rows 0..k-1 verify the draft and row k gives the bonus token when everything was accepted.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .drafters.base import Drafter
+from .models import Target, crop_cache, forward, new_cache
+from .sampling import SamplingConfig, check_sampling, probs, verify
+from .trace import Round, Trace
+
+MAX_DRAFT_TOKENS = 64
+SCHEDULES = ("constant", "heuristic")
+TOP_CANDIDATES = 5
+
+
+class SpeculativeDecoder:
+    """Speculative decoding of ``target`` with ``drafter`` (``None``: the plain baseline).
+
+    Settings (``num_draft_tokens``, ``schedule``, ``temperature``, ``top_k``, ``top_p``) are plain attributes,
+    checked on assignment and read at the start of every round, so a live view can change them mid-stream.
+    """
+
+    def __init__(self, target: Target, drafter: Drafter | None = None, num_draft_tokens: int = 4,
+                 schedule: str = "constant", temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                 record: bool = True):
+        if not isinstance(target, Target):
+            raise TypeError(f"target must be an mtplab Target (see mtplab.load_target), got {type(target).__name__}")
+        if drafter is not None and not isinstance(drafter, Drafter):
+            raise TypeError(f"drafter must be an mtplab Drafter or None, got {type(drafter).__name__}")
+        self.target = target
+        self.drafter = drafter
+        if drafter is not None:
+            drafter.bind(target)
+        self.num_draft_tokens = num_draft_tokens
+        self.schedule = schedule
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.record = record
+        self._stop = False
+
+    # --- settings, validated on assignment --------------------------------------------------------------------
+    def __setattr__(self, name, value):
+        if name == "num_draft_tokens":
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"num_draft_tokens must be an integer in [1, {MAX_DRAFT_TOKENS}], got {value!r}")
+            if not 1 <= value <= MAX_DRAFT_TOKENS:
+                raise ValueError(f"num_draft_tokens must be in [1, {MAX_DRAFT_TOKENS}], got {value!r}")
+        elif name == "schedule" and value not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {value!r}")
+        elif name in ("temperature", "top_k", "top_p"):
+            t, k, p = (value if name == n else getattr(self, n, d)
+                       for n, d in (("temperature", 0.0), ("top_k", 0), ("top_p", 1.0)))
+            check_sampling(t, k, p)
+        super().__setattr__(name, value)
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(self.temperature, self.top_k, self.top_p)
+
+    @property
+    def drafter_name(self) -> str:
+        return "none" if self.drafter is None else self.drafter.name
+
+    def stop(self) -> None:
+        """Ask a running ``stream`` to end after the current round (safe from another thread)."""
+        self._stop = True
+
+    # --- the loop -------------------------------------------------------------------------------------------
+    def generate(self, prompt, max_new_tokens: int = 64, seed: int = 0, chat_template: bool | None = None) -> Trace:
+        """Decode ``prompt`` and return the complete :class:`Trace`."""
+        for _ in self.stream(prompt, max_new_tokens, seed, chat_template):
+            pass
+        return self.trace
+
+    def stream(self, prompt, max_new_tokens: int = 64, seed: int = 0, chat_template: bool | None = None):
+        """Yield a :class:`Round` as soon as each one is decided; ``self.trace`` holds the run so far."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an integer, got {seed!r}")
+        target, drafter = self.target, self.drafter
+        ids = target.encode(prompt, chat_template)
+        if len(ids) + max_new_tokens > target.max_context:
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context of "
+                f"{target.name}: at most {target.max_context} tokens"
+            )
+        gen = torch.Generator().manual_seed(seed)
+        self._stop = False
+        self.trace = trace = Trace(
+            prompt=prompt if isinstance(prompt, str) else target.decode(prompt), prompt_ids=list(ids),
+            config=dict(target=target.name, drafter=self.drafter_name, num_draft_tokens=self.num_draft_tokens,
+                        schedule=self.schedule, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                        seed=seed, max_new_tokens=max_new_tokens),
+        )
+        hidden_needed = drafter is not None and drafter.uses_target_hidden
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            cache = new_cache(target.model)
+            hidden = None
+            if len(ids) > 1:
+                _, hidden = forward(target.model, ids[:-1], cache, hidden=hidden_needed, logits=False)
+                hidden = None if hidden is None else hidden[-1]
+            if drafter is not None:
+                drafter.reset(ids, hidden)
+            trace.prefill_seconds = time.perf_counter() - t0
+            self._k = self._k_base = self.num_draft_tokens
+            new = 0
+            while new < max_new_tokens and not self._stop:
+                rnd, hidden = self._round(ids, cache, gen, max_new_tokens - new, hidden, len(trace.rounds))
+                trace.rounds.append(rnd)
+                emitted = rnd.emitted_ids
+                ids.extend(emitted)
+                new += len(emitted)
+                yield rnd
+                if any(t in target.eos_token_ids for t in emitted):
+                    trace.stop_reason = "eos"
+                    break
+            else:
+                trace.stop_reason = "stopped" if self._stop and new < max_new_tokens else "max_new_tokens"
+        trace.text = target.decode(trace.token_ids)
+
+    def _round(self, ids, cache, gen, budget, hidden, index):
+        target, drafter, cfg = self.target, self.drafter, self.sampling
+        if self.schedule == "constant" or self.num_draft_tokens != self._k_base:  # a new setting restarts the policy
+            self._k = self._k_base = self.num_draft_tokens
+        context_len = len(ids)
+
+        # 1. draft (never more than the budget allows: the target always adds one token of its own)
+        t0 = time.perf_counter()
+        k = min(self._k, budget - 1)
+        draft = drafter.propose(ids, k, cfg, gen, hidden) if drafter is not None and k > 0 else None
+        tokens = [] if draft is None else list(draft.tokens[:k])
+        q = None if draft is None or draft.q is None else draft.q[: len(tokens)]
+        t1 = time.perf_counter()
+
+        # 2. verify: one target pass over [pending] + draft
+        logits, h = forward(target.model, [ids[-1]] + tokens, cache, hidden=drafter is not None and drafter.uses_target_hidden)
+        p = probs(logits, cfg)
+        t2 = time.perf_counter()
+
+        # 3. accept / reject, cut at EOS, roll caches back to the accepted prefix
+        v = verify(tokens, p, q, logits, cfg, gen)
+        n = v.num_accepted
+        eos_at = next((i for i, t in enumerate(tokens[:n]) if t in target.eos_token_ids), None)
+        if eos_at is not None:  # an accepted EOS ends the run there
+            n = eos_at + 1
+        cache_before = cache.get_seq_length()
+        crop_cache(cache, context_len + n)
+        if drafter is not None:
+            drafter.rollback(context_len + n)
+        if self.schedule == "heuristic" and tokens:  # as transformers: +2 after a full accept, -1 otherwise
+            self._k = min(MAX_DRAFT_TOKENS, self._k + 2) if n == len(tokens) else max(1, self._k - 1)
+        rnd = Round(
+            index=index, context_len=context_len, drafter=self.drafter_name, num_draft_tokens=k,
+            draft_ids=tokens, num_accepted=n, token_id=None if eos_at is not None else v.token,
+            token_kind=v.kind, accept_probs=v.accept_probs, draws=v.draws,
+            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+            target_cache_before=cache_before, target_cache_len=cache.get_seq_length(),
+            drafter_cache_len=0 if drafter is None else drafter.cache_len,
+            draft_start_position=None if draft is None else draft.start_position,
+        )
+        if self.record:
+            self._record(rnd, p, q, v)
+        t3 = time.perf_counter()
+        rnd.draft_seconds, rnd.verify_seconds, rnd.bookkeeping_seconds = t1 - t0, t2 - t1, t3 - t2
+        next_hidden = None if h is None else h[n]
+        return rnd, next_hidden
+
+    def _record(self, rnd: Round, p, q, v) -> None:
+        """Fill the parts of a Round that only views need (texts, candidate lists); skipped with record=False."""
+        text = self.target.token_text
+        tokens = rnd.draft_ids
+        rnd.draft_text = [text(t) for t in tokens]
+        rnd.p = [float(p[i, t]) for i, t in enumerate(tokens)]
+        rnd.q = [1.0 if q is None else float(q[i, t]) for i, t in enumerate(tokens)]
+        rnd.p_top = [_top(row, text) for row in p[: len(tokens) + 1]]
+        rnd.q_top = [] if q is None else [_top(row, text) for row in q]
+        if rnd.token_id is not None:
+            rnd.token_text = text(rnd.token_id)
+        if v.residual is not None:
+            rnd.residual_top = _top(v.residual, text)
+
+
+def _top(row: torch.Tensor, text) -> list:
+    vals, idx = torch.topk(row, min(TOP_CANDIDATES, row.shape[-1]))
+    return [[int(i), text(int(i)), float(x)] for x, i in zip(vals, idx)]

@@ -1,0 +1,48 @@
+"""The one small interface every drafter implements.
+
+A decode run calls ``reset`` once with the prompt, then each round ``propose`` (draft up to k tokens with their
+draft probabilities q) and, after the target verified them, ``rollback`` (forget everything past the accepted
+prefix). Drafters that read the target's last hidden state (MTP drafters) set ``uses_target_hidden`` and receive
+the hidden state of the position that produced the newest token.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..sampling import SamplingConfig
+
+
+@dataclass
+class Draft:
+    tokens: list  # drafted token ids, at most the k asked for (may be empty)
+    q: torch.Tensor | None  # [len(tokens), V] draft probabilities under the run's sampling; None = deterministic
+    start_position: int | None = None  # MTP drafters: target position whose hidden state seeded the draft
+
+
+class Drafter:
+    name = "drafter"
+    uses_target_hidden = False
+
+    def bind(self, target) -> None:
+        """Attach to a target once (check vocabularies, share modules). Called by the decoder."""
+        self.target = target
+
+    def reset(self, prompt_ids: list, target_hidden: torch.Tensor | None = None) -> None:
+        """Start a new sequence; ``prompt_ids[-1]`` is the token the first round starts from."""
+
+    def propose(self, ids: list, k: int, cfg: SamplingConfig, generator: torch.Generator,
+                target_hidden: torch.Tensor | None = None) -> Draft:
+        """Draft up to ``k`` tokens that follow ``ids`` (all tokens so far)."""
+        raise NotImplementedError
+
+    def rollback(self, num_valid: int) -> None:
+        """The first ``num_valid`` tokens of the sequence are final; drop any state past them."""
+
+    @property
+    def cache_len(self) -> int:
+        return 0
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"

