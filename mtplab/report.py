@@ -1,0 +1,82 @@
+"""A self-contained HTML view of a Trace: every token marked with what happened to it, plus the metrics.
+
+Opens without a kernel (``save_html``) and is what a Trace shows in a notebook (``Trace._repr_html_``).
+Colours are the Okabe–Ito colour-blind-safe palette, each with a second cue (strike, underline, overline).
+"""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+from .trace import Trace
+
+STYLE = {
+    "accepted": ("#009E73", "drafted and accepted", ""),
+    "rejected": ("#D55E00", "drafted and rejected (dropped)", "text-decoration:line-through;opacity:.75;"),
+    "correction": ("#E69F00", "correction: resampled by the target after a rejection", "text-decoration:underline;"),
+    "bonus": ("#0072B2", "bonus: the target's free token after a fully accepted draft", "text-decoration:overline;"),
+    "plain": ("#555555", "target token, nothing drafted", ""),
+}
+
+CSS = """
+.mtplab-trace{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px;line-height:1.9}
+.mtplab-trace .tok{padding:1px 1px;border-radius:3px;white-space:pre-wrap}
+.mtplab-trace .round-sep{border-left:1px dashed #999;margin:0 2px}
+.mtplab-trace .legend span.tok{margin-right:12px}
+.mtplab-trace table{border-collapse:collapse;margin-top:8px}
+.mtplab-trace td{padding:2px 10px 2px 0}
+""" + "".join(
+    f".mtplab-trace .tok-{k}{{color:{c};background:{c}1f;{extra}}}\n" for k, (c, _, extra) in STYLE.items()
+)
+
+
+def _tip(rnd, kind, pos) -> str:
+    if kind in ("accepted", "rejected"):
+        u = rnd.draws[pos] if pos < len(rnd.draws) else None
+        a = rnd.accept_probs[pos] if pos < len(rnd.accept_probs) else None
+        return (f"round {rnd.index}, position {pos}: p={rnd.p[pos]:.3f} q={rnd.q[pos]:.3f}"
+                + ("" if a is None else f" min(1,p/q)={a:.3f}") + ("" if u is None else f" u={u:.3f}"))
+    return f"round {rnd.index}: {kind} token from the target"
+
+
+def tokens_html(trace: Trace) -> str:
+    parts = []
+    for rnd in trace.rounds:
+        for kind, _, text, pos in rnd.token_events():
+            parts.append(f'<span class="tok tok-{kind}" title="{html.escape(_tip(rnd, kind, pos))}" '
+                         f'data-round="{rnd.index}" data-pos="{pos}">{html.escape(text)}</span>')
+        parts.append('<span class="round-sep"></span>')
+    return "".join(parts)
+
+
+def legend_html() -> str:
+    return '<div class="legend">' + "".join(
+        f'<span class="tok tok-{k}" title="{html.escape(d)}">{k}</span>' for k, (_, d, _) in STYLE.items()
+    ) + "</div>"
+
+
+def metrics_html(trace: Trace) -> str:
+    m = trace.metrics
+    rows = [
+        ("drafter", trace.config.get("drafter")), ("new tokens / rounds", f"{m.new_tokens} / {m.rounds}"),
+        ("acceptance rate", f"{m.acceptance_rate:.2f}"), ("mean acceptance length", f"{m.mean_acceptance_length:.2f}"),
+        ("per-position acceptance", " ".join(f"{x:.2f}" for x in m.per_position_acceptance)),
+        ("tokens/s", f"{m.tokens_per_second:.1f}"),
+        ("time: draft / verify / bookkeeping", f"{m.draft_seconds:.2f} / {m.verify_seconds:.2f} / {m.bookkeeping_seconds:.2f} s"),
+    ]
+    return "<table>" + "".join(f"<tr><td>{k}</td><td>{html.escape(str(v))}</td></tr>" for k, v in rows) + "</table>"
+
+
+def trace_html(trace: Trace) -> str:
+    return (f'<div class="mtplab-trace"><style>{CSS}</style>{legend_html()}'
+            f"<div>{tokens_html(trace)}</div>{metrics_html(trace)}</div>")
+
+
+def save_html(trace: Trace, path) -> Path:
+    """Write a page that shows ``trace`` without a kernel."""
+    path = Path(path)
+    title = html.escape(trace.prompt[:80])
+    path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>mtplab: {title}</title></head>"
+                    f"<body><p><b>Prompt:</b> {html.escape(trace.prompt)}</p>{trace_html(trace)}</body></html>",
+                    encoding="utf-8")
+    return path

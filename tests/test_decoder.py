@@ -1,0 +1,223 @@
+"""The decoder on tiny random models: greedy exactness, rollback, reproducibility, live settings, bad input."""
+import pytest
+import torch
+
+import mtplab
+from mtplab import SpeculativeDecoder
+from mtplab.models import forward, new_cache
+
+from conftest import tiny
+
+PROMPT = [1, 2, 3, 4, 5, 6, 1, 2, 3]
+
+
+def drafters_for(target):
+    other = tiny(seed=7)  # a separate random model with the same vocabulary
+    return {
+        "prompt-lookup": mtplab.PromptLookupDrafter(),
+        "draft-model": mtplab.DraftModelDrafter(other.model),
+        "truncated-copy": mtplab.DraftModelDrafter(mtplab.truncated_copy(target, 1)),
+        "layer-skip": mtplab.LayerSkipDrafter(target, exit_layer=1),
+    }
+
+
+def plain_ids(target, prompt, n):
+    return SpeculativeDecoder(target, None).generate(prompt, max_new_tokens=n).token_ids
+
+
+def gap_report(target, prompt, got, want):
+    """Top-2 logit gap where two greedy runs part: ≈1e-5 means float rounding, larger means a bug."""
+    i = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
+    with torch.inference_mode():
+        logits = target.model(torch.tensor([list(prompt) + want[:i]])).logits[0, -1]
+    top = torch.topk(logits, 2).values
+    return f"first mismatch at new token {i}: top-2 logit gap {float(top[0] - top[1]):.3g}"
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("gamma", [1, 3, 7])
+def test_greedy_equals_plain_for_every_drafter(seed, gamma):
+    target = tiny(seed=seed)
+    want = plain_ids(target, PROMPT, 40)
+    with torch.inference_mode():
+        hf = target.model.generate(torch.tensor([PROMPT]), max_new_tokens=40, do_sample=False, min_new_tokens=40)
+    assert hf[0, len(PROMPT):].tolist() == want
+    for name, drafter in drafters_for(target).items():
+        trace = SpeculativeDecoder(target, drafter, num_draft_tokens=gamma).generate(PROMPT, max_new_tokens=40)
+        assert trace.token_ids == want, f"{name}: {gap_report(target, PROMPT, trace.token_ids, want)}"
+        assert len(trace.token_ids) == 40 and trace.stop_reason == "max_new_tokens"
+        assert all(r.num_drafted <= gamma for r in trace.rounds)
+
+
+def test_layer_skip_and_truncated_copy_accept_something():
+    target = tiny(seed=0, num_layers=4)
+    for drafter in (mtplab.LayerSkipDrafter(target, exit_layer=3), mtplab.DraftModelDrafter(mtplab.truncated_copy(target, 3))):
+        m = SpeculativeDecoder(target, drafter, num_draft_tokens=3).generate(PROMPT, max_new_tokens=40).metrics
+        assert m.accepted > 0 and m.mean_acceptance_length > 1
+
+
+def test_round_records_are_consistent():
+    target = tiny()
+    trace = SpeculativeDecoder(target, mtplab.DraftModelDrafter(tiny(seed=7).model), num_draft_tokens=3,
+                               temperature=0.8).generate(PROMPT, max_new_tokens=30, seed=4)
+    ctx = len(PROMPT)
+    for r in trace.rounds:
+        assert r.context_len == ctx
+        ctx += len(r.emitted_ids)
+        assert r.target_cache_len == ctx - 1  # the cache holds every token but the newest
+        assert r.target_cache_before == r.context_len + r.num_drafted
+        assert r.drafter_cache_len <= ctx - 1
+        assert len(r.p) == len(r.q) == r.num_drafted
+        assert len(r.accept_probs) == len(r.draws) == min(r.num_drafted, r.num_accepted + 1)
+        for i in range(min(r.num_drafted, r.num_accepted + 1)):
+            assert r.accept_probs[i] == pytest.approx(min(1.0, r.p[i] / r.q[i]), rel=1e-5)
+            assert 0 <= r.draws[i] < 1
+            assert (r.draws[i] < r.accept_probs[i]) == (i < r.num_accepted)
+        want = "plain" if not r.num_drafted else "bonus" if r.num_accepted == r.num_drafted else "correction"
+        assert r.token_kind == want
+        if r.token_kind == "correction":
+            assert r.residual_top and all(x[2] >= 0 for x in r.residual_top)
+            assert r.token_id in [x[0] for x in r.residual_top] or r.residual_top[-1][2] < 0.2
+        assert len(r.p_top) == r.num_drafted + 1 and len(r.q_top) == r.num_drafted
+        assert r.draft_seconds >= 0 and r.verify_seconds > 0 and r.bookkeeping_seconds >= 0
+    m = trace.metrics
+    assert m.new_tokens == 30 == sum(len(r.emitted_ids) for r in trace.rounds)
+    assert m.mean_acceptance_length == pytest.approx(30 / m.rounds)
+    assert m.acceptance_rate == pytest.approx(m.accepted / m.drafted)
+    assert m.per_position_acceptance[0] == pytest.approx(
+        sum(r.num_accepted > 0 for r in trace.rounds if r.num_drafted) / sum(1 for r in trace.rounds if r.num_drafted))
+
+
+def test_same_seed_same_trace_and_json_round_trip():
+    target = tiny()
+    dec = SpeculativeDecoder(target, mtplab.DraftModelDrafter(tiny(seed=7).model), num_draft_tokens=4,
+                             temperature=1.0, top_k=20, top_p=0.9)
+    a = dec.generate(PROMPT, max_new_tokens=30, seed=11)
+    b = dec.generate(PROMPT, max_new_tokens=30, seed=11)
+    c = dec.generate(PROMPT, max_new_tokens=30, seed=12)
+    strip = lambda t: [(r.draft_ids, r.num_accepted, r.token_id, r.draws, r.accept_probs) for r in t.rounds]
+    assert strip(a) == strip(b) and a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids
+    back = mtplab.Trace.from_json(a.to_json())
+    assert back.token_ids == a.token_ids and back.metrics == a.metrics and back.config == a.config
+    assert back.rounds[3].p_top == a.rounds[3].p_top
+
+
+def test_rollback_leaves_caches_equal_to_fresh_prefill():
+    target = tiny()
+    drafter = mtplab.DraftModelDrafter(tiny(seed=7).model)
+    dec = SpeculativeDecoder(target, drafter, num_draft_tokens=5, temperature=1.0)
+    stream = dec.stream(PROMPT, max_new_tokens=25, seed=3)
+    seen = [next(stream) for _ in range(4)]
+    assert any(r.num_accepted < r.num_drafted for r in seen), "want at least one rollback to check"
+    ids = PROMPT + dec.trace.token_ids
+    # the decoder's target cache, reached through the generator frame
+    cache = stream.gi_frame.f_locals["cache"]
+    fresh = new_cache(target.model)
+    with torch.inference_mode():
+        forward(target.model, ids[:-1], fresh, logits=False)
+    assert cache.get_seq_length() == len(ids) - 1
+    for a, b in zip(cache.layers, fresh.layers):
+        assert torch.allclose(a.keys, b.keys, atol=1e-5) and torch.allclose(a.values, b.values, atol=1e-5)
+    dfresh = new_cache(drafter.model)
+    n = drafter.cache.get_seq_length()
+    with torch.inference_mode():
+        forward(drafter.model, ids[:n], dfresh, logits=False)
+    for a, b in zip(drafter.cache.layers, dfresh.layers):
+        assert torch.allclose(a.keys, b.keys, atol=1e-5)
+    stream.close()
+
+
+def test_settings_change_between_rounds_and_heuristic_schedule():
+    target = tiny()
+    dec = SpeculativeDecoder(target, mtplab.LayerSkipDrafter(target, exit_layer=1), num_draft_tokens=2)
+    ks = []
+    for r in dec.stream(PROMPT, max_new_tokens=40):
+        ks.append(r.num_draft_tokens)
+        if r.index == 2:
+            dec.num_draft_tokens = 5
+            dec.temperature = 0.9
+    assert ks[:3] == [2, 2, 2] and set(ks[3:-1]) == {5}
+    assert dec.trace.rounds[2].temperature == 0.0 and dec.trace.rounds[3].temperature == 0.9
+
+    dec = SpeculativeDecoder(target, mtplab.PromptLookupDrafter(), num_draft_tokens=2, schedule="heuristic")
+    k = 2
+    for r in dec.generate(PROMPT, max_new_tokens=60).rounds:
+        if r.num_drafted:
+            assert r.num_draft_tokens == min(k, 60)
+            k = k + 2 if r.num_accepted == r.num_drafted else max(1, k - 1)
+
+
+def test_stop_ends_stream_cleanly():
+    target = tiny()
+    dec = SpeculativeDecoder(target, mtplab.PromptLookupDrafter())
+    for r in dec.stream(PROMPT, max_new_tokens=50):
+        if r.index == 3:
+            dec.stop()
+    assert len(dec.trace.rounds) == 4 and dec.trace.stop_reason == "stopped"
+
+
+def test_accepted_eos_ends_the_run():
+    target = tiny()
+    want = plain_ids(target, PROMPT, 40)
+    eos = want[12]
+    target.eos_token_ids = {eos}
+    cut = want[: want.index(eos) + 1]
+    for drafter in (None, mtplab.PromptLookupDrafter(), mtplab.LayerSkipDrafter(target, exit_layer=1)):
+        trace = SpeculativeDecoder(target, drafter, num_draft_tokens=7).generate(PROMPT, max_new_tokens=40)
+        assert trace.token_ids == cut and trace.stop_reason == "eos"
+
+
+def test_max_new_tokens_is_exact():
+    target = tiny()
+    for n in (1, 2, 5):
+        trace = SpeculativeDecoder(target, mtplab.PromptLookupDrafter(), num_draft_tokens=7).generate(PROMPT, n)
+        assert len(trace.token_ids) == n
+
+
+@pytest.mark.parametrize("kw,call,msg", [
+    (dict(num_draft_tokens=0), {}, r"num_draft_tokens must be in \[1, 64\], got 0"),
+    (dict(num_draft_tokens=-3), {}, "num_draft_tokens"),
+    (dict(num_draft_tokens=10_000), {}, r"num_draft_tokens must be in \[1, 64\]"),
+    (dict(temperature=-1.0), {}, "temperature must be"),
+    (dict(top_p=0.0), {}, r"top_p must be in \(0, 1\]"),
+    (dict(top_p=1.01), {}, "top_p"),
+    (dict(top_k=-2), {}, "top_k must be an integer >= 0"),
+    (dict(schedule="fast"), {}, "schedule must be one of"),
+    ({}, dict(max_new_tokens=0), "max_new_tokens must be a positive integer, got 0"),
+    ({}, dict(prompt=[]), "prompt token ids must be a non-empty list"),
+    ({}, dict(prompt=[1] * 500, max_new_tokens=20), r"exceeds the context .* at most 512 tokens"),
+])
+def test_bad_input_is_refused_with_the_value_and_range(kw, call, msg):
+    target = tiny()
+    with pytest.raises(ValueError, match=msg):
+        dec = SpeculativeDecoder(target, mtplab.PromptLookupDrafter(), **kw)
+        args = dict(prompt=PROMPT, max_new_tokens=8) | call
+        dec.generate(args.pop("prompt"), **args)
+
+
+def test_live_setting_rejected_keeps_old_value():
+    dec = SpeculativeDecoder(tiny(), None, temperature=0.5)
+    with pytest.raises(ValueError, match="top_p"):
+        dec.top_p = 0
+    assert dec.top_p == 1.0 and dec.temperature == 0.5
+
+
+def test_mismatched_vocabulary_is_refused():
+    target = tiny(vocab_size=64)
+    with pytest.raises(ValueError, match="vocabulary of 80 tokens but the target .* has 64"):
+        SpeculativeDecoder(target, mtplab.DraftModelDrafter(tiny(vocab_size=80).model))
+
+
+def test_layer_skip_exit_layer_range():
+    target = tiny(num_layers=2)
+    with pytest.raises(ValueError, match=r"exit_layer must be an integer in \[1, 1\]"):
+        mtplab.LayerSkipDrafter(target, exit_layer=2)
+
+
+def test_record_off_keeps_decisions():
+    target = tiny()
+    d = lambda rec: SpeculativeDecoder(target, mtplab.DraftModelDrafter(tiny(seed=7).model), temperature=1.0,
+                                       record=rec).generate(PROMPT, 20, seed=5)
+    on, off = d(True), d(False)
+    assert on.token_ids == off.token_ids and off.rounds[0].p_top == [] and on.rounds[0].p_top

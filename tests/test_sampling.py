@@ -1,0 +1,73 @@
+import pytest
+import torch
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from mtplab import sampling
+from mtplab.sampling import SamplingConfig
+
+
+@pytest.mark.parametrize("t,k,p", [(0.7, 0, 1.0), (1.0, 5, 1.0), (0.5, 0, 0.8), (1.3, 10, 0.9)])
+def test_probs_match_transformers_warpers(t, k, p):
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50) * 3
+    ref = TemperatureLogitsWarper(t)(None, logits.clone())
+    if k:
+        ref = TopKLogitsWarper(k)(None, ref)
+    if p < 1:
+        ref = TopPLogitsWarper(p)(None, ref)
+    expected = torch.softmax(ref, dim=-1)
+    got = sampling.probs(logits, SamplingConfig(t, k, p))
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert torch.allclose(got.sum(-1), torch.ones(3))
+
+
+def test_greedy_probs_are_plain_softmax():
+    logits = torch.tensor([1.0, 3.0, 2.0])
+    assert torch.allclose(sampling.probs(logits, SamplingConfig(0.0)), torch.softmax(logits, -1))
+
+
+def test_accept_prob_and_residual():
+    assert sampling.accept_prob(0.2, 0.4) == pytest.approx(0.5)
+    assert sampling.accept_prob(0.6, 0.4) == 1.0
+    p = torch.tensor([0.5, 0.3, 0.2])
+    q = torch.tensor([0.2, 0.6, 0.2])
+    assert torch.allclose(sampling.residual(p, q), torch.tensor([1.0, 0.0, 0.0]))
+    q2 = torch.tensor([0.1, 0.1, 0.8])
+    assert torch.allclose(sampling.residual(p, q2), torch.tensor([0.4, 0.2, 0.0]) / 0.6)
+    assert torch.equal(sampling.residual(p, p), p)  # p == q: never rejected; falls back to p
+
+
+def test_verify_greedy_exact_match_and_bonus():
+    logits = torch.tensor([[0.0, 5.0, 1.0], [3.0, 0.0, 1.0], [0.0, 0.0, 9.0]])
+    cfg = SamplingConfig(0.0)
+    p = sampling.probs(logits, cfg)
+    v = sampling.verify([1, 0], p, None, logits, cfg, None)
+    assert (v.num_accepted, v.token, v.kind, v.accept_probs) == (2, 2, "bonus", [1.0, 1.0])
+    v = sampling.verify([1, 2], p, None, logits, cfg, None)
+    assert (v.num_accepted, v.token, v.kind, v.accept_probs) == (1, 0, "correction", [1.0, 0.0])
+    v = sampling.verify([], p[:1], None, logits[:1], cfg, None)
+    assert (v.num_accepted, v.token, v.kind) == (0, 1, "plain")
+
+
+def test_verify_sampling_uses_u_against_min_1_p_over_q():
+    cfg = SamplingConfig(1.0)
+    p = torch.tensor([[0.1, 0.9], [0.5, 0.5]])
+    q = torch.tensor([[0.5, 0.5]])
+    g = torch.Generator().manual_seed(0)
+    u = float(torch.rand((), generator=torch.Generator().manual_seed(0)))  # the draw verify will make first
+    v = sampling.verify([0], p, q, torch.log(p), cfg, g)
+    assert v.draws[0] == pytest.approx(u) and v.accept_probs[0] == pytest.approx(0.2)
+    if u < 0.2:
+        assert v.num_accepted == 1
+    else:  # rejected: the residual norm(max(0, p - q)) is all on token 1
+        assert (v.num_accepted, v.token, v.kind) == (0, 1, "correction")
+        assert torch.allclose(v.residual, torch.tensor([0.0, 1.0]))
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(temperature=-0.1), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(top_k=-1), "top_k"), (dict(temperature=float("nan")), "temperature"),
+])
+def test_bad_sampling_values(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        SamplingConfig(**kw)
