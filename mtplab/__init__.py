@@ -8,6 +8,16 @@ from .trace import Round, Trace, speedup
 
 __version__ = "0.1.0"
 
+_WIDGETS = ("Playground", "TokenView", "RoundInspector", "SpeedupDashboard", "TheorySimulator")
+
+
+def __getattr__(name):  # the notebook views load ipywidgets/plotly only when asked for
+    if name in _WIDGETS:
+        from . import widgets
+
+        return getattr(widgets, name)
+    raise AttributeError(f"module 'mtplab' has no attribute {name!r}")
+
 __all__ = [
     "SpeculativeDecoder", "Draft", "Drafter", "DraftModelDrafter", "LayerSkipDrafter", "PromptLookupDrafter",
     "Target", "fetch_bundled", "load_model", "load_target", "tiny_random_target", "truncated_copy",

@@ -103,30 +103,31 @@ class SpeculativeDecoder:
                         seed=seed, max_new_tokens=max_new_tokens),
         )
         hidden_needed = drafter is not None and drafter.uses_target_hidden
-        with torch.inference_mode():
-            t0 = time.perf_counter()
-            cache = new_cache(target.model)
-            hidden = None
+        t0 = time.perf_counter()
+        cache = new_cache(target.model)
+        hidden = None
+        with torch.inference_mode():  # entered per step, never across a yield: a stream may resume in another thread
             if len(ids) > 1:
                 _, hidden = forward(target.model, ids[:-1], cache, hidden=hidden_needed, logits=False)
                 hidden = None if hidden is None else hidden[-1]
             if drafter is not None:
                 drafter.reset(ids, hidden)
-            trace.prefill_seconds = time.perf_counter() - t0
-            self._k = self._k_base = self.num_draft_tokens
-            new = 0
-            while new < max_new_tokens and not self._stop:
+        trace.prefill_seconds = time.perf_counter() - t0
+        self._k = self._k_base = self.num_draft_tokens
+        new = 0
+        while new < max_new_tokens and not self._stop:
+            with torch.inference_mode():
                 rnd, hidden = self._round(ids, cache, gen, max_new_tokens - new, hidden, len(trace.rounds))
-                trace.rounds.append(rnd)
-                emitted = rnd.emitted_ids
-                ids.extend(emitted)
-                new += len(emitted)
-                yield rnd
-                if any(t in target.eos_token_ids for t in emitted):
-                    trace.stop_reason = "eos"
-                    break
-            else:
-                trace.stop_reason = "stopped" if self._stop and new < max_new_tokens else "max_new_tokens"
+            trace.rounds.append(rnd)
+            emitted = rnd.emitted_ids
+            ids.extend(emitted)
+            new += len(emitted)
+            yield rnd
+            if any(t in target.eos_token_ids for t in emitted):
+                trace.stop_reason = "eos"
+                break
+        else:
+            trace.stop_reason = "stopped" if self._stop and new < max_new_tokens else "max_new_tokens"
         trace.text = target.decode(trace.token_ids)
 
     def _round(self, ids, cache, gen, budget, hidden, index):
@@ -185,10 +186,21 @@ class SpeculativeDecoder:
         rnd.q = [1.0 if q is None else float(q[i, t]) for i, t in enumerate(tokens)]
         rnd.p_top = [_top(row, text) for row in p[: len(tokens) + 1]]
         rnd.q_top = [] if q is None else [_top(row, text) for row in q]
+        rnd.candidates = [_pair_top(p[i], None if q is None else q[i], t, text) for i, t in enumerate(tokens)]
         if rnd.token_id is not None:
             rnd.token_text = text(rnd.token_id)
         if v.residual is not None:
             rnd.residual_top = _top(v.residual, text)
+
+
+def _pair_top(p_row, q_row, drafted: int, text) -> list:
+    """``[[id, text, p, q]]`` for the drafted token and the top candidates of p and q, most likely under p first."""
+    ids = {drafted, *torch.topk(p_row, TOP_CANDIDATES).indices.tolist()}
+    if q_row is not None:
+        ids |= set(torch.topk(q_row, TOP_CANDIDATES).indices.tolist())
+    q_of = (lambda i: float(i == drafted)) if q_row is None else (lambda i: float(q_row[i]))
+    rows = [[i, text(i), float(p_row[i]), q_of(i)] for i in ids]
+    return sorted(rows, key=lambda r: -r[2])
 
 
 def _top(row: torch.Tensor, text) -> list:

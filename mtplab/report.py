@@ -30,8 +30,8 @@ CSS = """
 )
 
 
-def _tip(rnd, kind, pos) -> str:
-    if kind in ("accepted", "rejected"):
+def token_tip(rnd, kind, pos) -> str:
+    if kind in ("accepted", "rejected") and rnd.p:
         u = rnd.draws[pos] if pos < len(rnd.draws) else None
         a = rnd.accept_probs[pos] if pos < len(rnd.accept_probs) else None
         return (f"round {rnd.index}, position {pos}: p={rnd.p[pos]:.3f} q={rnd.q[pos]:.3f}"
@@ -43,7 +43,7 @@ def tokens_html(trace: Trace) -> str:
     parts = []
     for rnd in trace.rounds:
         for kind, _, text, pos in rnd.token_events():
-            parts.append(f'<span class="tok tok-{kind}" title="{html.escape(_tip(rnd, kind, pos))}" '
+            parts.append(f'<span class="tok tok-{kind}" title="{html.escape(token_tip(rnd, kind, pos))}" '
                          f'data-round="{rnd.index}" data-pos="{pos}">{html.escape(text)}</span>')
         parts.append('<span class="round-sep"></span>')
     return "".join(parts)

@@ -87,6 +87,14 @@ def alpha_from_acceptance_length(mean_length: float, gamma: int) -> float:
     return (lo + hi) / 2
 
 
+def estimate_alpha(rounds: Sequence[tuple]) -> float:
+    """Maximum-likelihood α from observed ``(accepted, drafted)`` pairs under the i.i.d. model: every accepted
+    token is a success, every round that stopped at a rejection is one failure."""
+    successes = sum(a for a, d in rounds)
+    failures = sum(1 for a, d in rounds if a < d)
+    return successes / (successes + failures) if successes + failures else 0.0
+
+
 @dataclass
 class SimulatedRound:
     accepted: int  # drafted tokens accepted (0..γ)

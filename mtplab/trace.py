@@ -29,6 +29,7 @@ class Round:
     p: list = field(default_factory=list)  # target probability of the same token
     p_top: list = field(default_factory=list)  # per verified position: [[id, text, prob], ...] of the target
     q_top: list = field(default_factory=list)  # per drafted position: [[id, text, prob], ...] of the drafter
+    candidates: list = field(default_factory=list)  # per drafted position: [[id, text, p, q], ...] for p-vs-q plots
     accept_probs: list = field(default_factory=list)  # min(1, p/q); greedy: 1.0 match / 0.0 mismatch
     draws: list = field(default_factory=list)  # uniform draw u per examined position (None when greedy)
     num_accepted: int = 0
@@ -157,6 +158,25 @@ class Trace:
             f"acceptance_rate={m.acceptance_rate:.2f}, mean_acceptance_length={m.mean_acceptance_length:.2f}, "
             f"stop_reason={self.stop_reason!r})"
         )
+
+
+def cost_model(spec: Trace, plain: Trace) -> dict:
+    """What theory needs, measured: α (i.i.d. estimate), c (draft seconds per drafted token / plain step seconds)
+    and the verify-cost curve v(γ) (verify seconds of a γ-token round / plain step seconds)."""
+    from .theory import estimate_alpha
+
+    step = sum(r.seconds for r in plain.rounds) / max(1, len(plain.rounds))
+    drafted = [r for r in spec.rounds if r.num_drafted]
+    per_token = sum(r.draft_seconds for r in drafted) / max(1, sum(r.num_drafted for r in drafted))
+    by_k = {}
+    for r in spec.rounds:
+        by_k.setdefault(r.num_drafted, []).append(r.verify_seconds)
+    return dict(
+        alpha=estimate_alpha([(r.num_accepted, r.num_drafted) for r in drafted]),
+        c=per_token / step if step else 0.0,
+        verify_cost={k: sum(v) / len(v) / step for k, v in sorted(by_k.items()) if k and step},
+        plain_step_seconds=step,
+    )
 
 
 def speedup(spec: Trace, plain: Trace) -> float:

@@ -1,0 +1,7 @@
+"""Notebook views. They read Rounds and Traces; only the Playground drives a decoder."""
+from .dashboard import SpeedupDashboard
+from .inspector import RoundInspector
+from .playground import Playground
+from .token_view import TokenView
+
+__all__ = ["Playground", "RoundInspector", "SpeedupDashboard", "TokenView"]

@@ -1,0 +1,85 @@
+"""Speedup dashboard: live metrics, per-position acceptance, per-round time bars, and theory vs measurement."""
+from __future__ import annotations
+
+import html
+
+import ipywidgets as W
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from .. import theory
+from ..trace import cost_model, speedup
+from .style import COLORS
+
+GAMMAS = list(range(1, 9))
+
+
+class SpeedupDashboard(W.VBox):
+    """``update(spec, plain=None)`` redraws from traces only. ``on_sweep`` (set by the Playground) runs a γ sweep."""
+
+    def __init__(self):
+        self.metrics = W.HTML("<i>No run yet.</i>")
+        self.fig = go.FigureWidget(make_subplots(
+            rows=1, cols=3, column_widths=[0.25, 0.4, 0.35],
+            subplot_titles=("acceptance by draft position", "time per round", "speedup vs draft length γ")))
+        f = self.fig
+        f.add_bar(name="accepted", x=[], y=[], marker_color=COLORS["accepted"], row=1, col=1, showlegend=False)
+        for key, label in (("draft_time", "draft"), ("verify_time", "verify"), ("bookkeeping_time", "bookkeeping")):
+            f.add_bar(name=label, x=[], y=[], marker_color=COLORS[key], row=1, col=2)
+        f.add_scatter(name="theory (Leviathan, v=1)", x=[], y=[], mode="lines", line=dict(color=COLORS["theory"], dash="dot"), row=1, col=3)
+        f.add_scatter(name="theory (measured v(γ))", x=[], y=[], mode="lines", line=dict(color=COLORS["theory"]), row=1, col=3)
+        f.add_scatter(name="measured", x=[], y=[], mode="markers", marker=dict(color=COLORS["measured"], size=10, symbol="diamond"), row=1, col=3)
+        f.add_scatter(name="sweep", x=[], y=[], mode="markers+lines", marker=dict(color=COLORS["bonus"], size=7), row=1, col=3)
+        f.update_layout(barmode="stack", height=300, margin=dict(l=40, r=10, t=40, b=40), legend=dict(orientation="h", y=-0.2))
+        f.update_yaxes(range=[0, 1.05], row=1, col=1)
+        f.update_yaxes(title_text="ms", row=1, col=2)
+        f.update_yaxes(title_text="× plain", row=1, col=3)
+        f.update_xaxes(title_text="position", row=1, col=1)
+        f.update_xaxes(title_text="round", row=1, col=2)
+        f.update_xaxes(title_text="γ", row=1, col=3)
+        self.sweep_button = W.Button(description="Sweep γ = 1…8", icon="line-chart",
+                                     tooltip="decode the prompt at every draft length, with and without the drafter")
+        self.sweep_progress = W.IntProgress(min=0, max=len(GAMMAS), layout=W.Layout(width="200px", visibility="hidden"))
+        self.sweep_button.on_click(lambda _: self.on_sweep and self.on_sweep())
+        self.on_sweep = None
+        super().__init__([self.metrics, self.fig, W.HBox([self.sweep_button, self.sweep_progress])])
+        self.add_class("mtplab-dashboard")
+
+    def update(self, spec, plain=None) -> None:
+        m = spec.metrics
+        rows = [("acceptance rate", f"{m.acceptance_rate:.2f}"),
+                ("mean acceptance length", f"{m.mean_acceptance_length:.2f} tokens / target pass"),
+                ("tokens/s", f"{m.tokens_per_second:.1f}")]
+        with self.fig.batch_update():
+            self.fig.data[0].update(x=list(range(len(m.per_position_acceptance))), y=m.per_position_acceptance)
+            idx = [r.index for r in spec.rounds]
+            for i, key in enumerate(("draft_seconds", "verify_seconds", "bookkeeping_seconds")):
+                self.fig.data[1 + i].update(x=idx, y=[1000 * getattr(r, key) for r in spec.rounds])
+            if plain is not None and plain.rounds and m.new_tokens:
+                s = speedup(spec, plain)
+                cm = cost_model(spec, plain)
+                gamma = spec.config.get("num_draft_tokens", 4)
+                rows += [("measured speedup", f"<b>{s:.2f}×</b> vs plain decoding (same prompt, same run)"),
+                         ("α, c", f"α ≈ {cm['alpha']:.2f} (i.i.d. estimate), c ≈ {cm['c']:.3f} (draft step / target step)"),
+                         ("theory at γ", f"{theory.walltime_factor(cm['alpha'], gamma, cm['c']):.2f}× (Leviathan), "
+                          f"{theory.walltime_factor(cm['alpha'], gamma, cm['c'], cm['verify_cost'] or None):.2f}× (measured v(γ))")]
+                if spec.config.get("temperature") == 0:
+                    same = spec.token_ids == plain.token_ids[: len(spec.token_ids)]
+                    rows.append(("greedy output", "identical to plain ✓" if same else "DIFFERS from plain ✗"))
+                self.fig.data[4].update(x=GAMMAS, y=[theory.walltime_factor(cm["alpha"], g, cm["c"]) for g in GAMMAS])
+                vc = cm["verify_cost"] or None
+                self.fig.data[5].update(x=GAMMAS, y=[theory.walltime_factor(cm["alpha"], g, cm["c"], vc) for g in GAMMAS])
+                self.fig.data[6].update(x=[gamma], y=[s])
+        self.metrics.value = "<table class='mtplab-metrics'>" + "".join(
+            f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>" for k, v in rows) + "</table>"
+
+    def show_sweep(self, points) -> None:
+        """``points``: ``[(γ, measured speedup), ...]`` from a sweep."""
+        with self.fig.batch_update():
+            self.fig.data[7].update(x=[g for g, _ in points], y=[s for _, s in points])
+
+    def clear(self) -> None:
+        with self.fig.batch_update():
+            for t in self.fig.data:
+                t.update(x=[], y=[])
+        self.metrics.value = "<i>No run yet.</i>"

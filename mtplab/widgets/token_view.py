@@ -1,0 +1,34 @@
+"""The token stream view: the text as it grows, every token marked with what happened to it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import anywidget
+import traitlets
+
+from ..report import token_tip
+
+HERE = Path(__file__).parent
+
+
+def round_tokens(rnd, mark: str = "") -> dict:
+    """The part of a Round the browser needs: ``{"i", "mark", "toks": [[kind, text, pos, tip], ...]}``."""
+    return {"i": rnd.index, "mark": mark,
+            "toks": [[kind, text, pos, token_tip(rnd, kind, pos)] for kind, _, text, pos in rnd.token_events()]}
+
+
+class TokenView(anywidget.AnyWidget):
+    _esm = HERE / "token_view.js"
+    _css = HERE / "token_view.css"
+    rounds = traitlets.List(traitlets.Dict()).tag(sync=True)
+    selected = traitlets.Dict({"round": -1, "pos": -1}).tag(sync=True)
+    status = traitlets.Unicode("").tag(sync=True)
+
+    def show_rounds(self, rounds, marks: dict | None = None) -> None:
+        """Show exactly these rounds (an extension of what is shown is sent as a whole list, drawn incrementally)."""
+        marks = marks or {}
+        self.rounds = [round_tokens(r, marks.get(r.index, "")) for r in rounds]
+
+    def clear(self) -> None:
+        self.rounds = []
+        self.selected = {"round": -1, "pos": -1}
