@@ -1,5 +1,5 @@
 """mtplab: see speculative decoding and multi-token prediction work — a real, recorded speculative decoder."""
-from . import sampling, theory
+from . import report, sampling, theory
 from .decoder import SpeculativeDecoder
 from .drafters import Draft, Drafter, DraftModelDrafter, LayerSkipDrafter, PromptLookupDrafter
 from .models import Target, fetch_bundled, load_model, load_target, tiny_random_target, truncated_copy

@@ -146,6 +146,12 @@ class Trace:
         d["rounds"] = [Round(**{k: v for k, v in r.items() if k in names}) for r in d["rounds"]]
         return cls(**d)
 
+    def show(self):
+        """Render this trace in a notebook as static HTML (no kernel needed to view it later)."""
+        from IPython.display import HTML, display
+
+        display(HTML(self._repr_html_()))
+
     def _repr_html_(self) -> str:
         from .report import trace_html  # the view reads the trace, never the other way round
 

@@ -84,3 +84,25 @@ def test_inspector_text_for_bonus_and_plain_rounds(bundled):
     assert "bonus" in describe(bonus, bonus.num_drafted)
     labels, p, q, res = bars(bonus, bonus.num_drafted)
     assert labels and q is None and res is None and p == sorted(p, reverse=True)
+
+
+def test_theory_simulator_updates_instantly():
+    from mtplab import theory
+
+    sim = mtplab.TheorySimulator(alpha=0.8, gamma=4, c=0.05)
+    assert "3.36" in sim.numbers.value  # E(0.8, 4) = 3.3616
+    assert len(sim.tokens.rounds) == 30
+    sim.gamma.value = 2
+    assert all(r["k"] == 2 for r in sim.tokens.rounds)
+    assert f"{theory.expected_tokens_per_round(0.8, 2):.2f}" in sim.numbers.value
+    sim.alpha.value = 1.0
+    assert all(t[0] in ("accepted", "bonus") for r in sim.tokens.rounds for t in r["toks"])
+    assert list(sim.fig.data[1].x) == [2]
+
+
+def test_saved_trace_renders_static_html(tmp_path, bundled):
+    trace = mtplab.SpeculativeDecoder(bundled, mtplab.PromptLookupDrafter()).generate("Say hi twice: hi hi", 12)
+    back = mtplab.Trace.from_json(trace.to_json())
+    page = mtplab.report.save_html(back, tmp_path / "t.html").read_text()
+    assert page.count('class="tok tok-') == sum(len(r.token_events()) for r in trace.rounds) + 5  # + legend
+    assert "mean acceptance length" in page and "<script" not in page

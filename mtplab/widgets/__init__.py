@@ -2,6 +2,7 @@
 from .dashboard import SpeedupDashboard
 from .inspector import RoundInspector
 from .playground import Playground
+from .theory_sim import TheorySimulator
 from .token_view import TokenView
 
-__all__ = ["Playground", "RoundInspector", "SpeedupDashboard", "TokenView"]
+__all__ = ["Playground", "RoundInspector", "SpeedupDashboard", "TheorySimulator", "TokenView"]
