@@ -247,12 +247,16 @@ def truncated_copy(target: Target, num_layers: int, share_weights: bool = False)
         config.layer_types = config.layer_types[:num_layers]
     with torch.device("meta"):
         small = AutoModelForCausalLM.from_config(config)
-    src = target.model if share_weights else copy.deepcopy(target.model)
-    for name, module in src.get_decoder().named_children():
+    keep = lambda m: m if share_weights else copy.deepcopy(m)  # copy only what the small model keeps
+    for name, module in target.model.get_decoder().named_children():
         if name == "layers":
             module = torch.nn.ModuleList(list(module)[:num_layers])
-        setattr(small.get_decoder(), name, module)
-    small.set_output_embeddings(src.get_output_embeddings())
+        setattr(small.get_decoder(), name, keep(module))
+    head = target.model.get_output_embeddings()
+    tied = head.weight is target.model.get_input_embeddings().weight
+    small.set_output_embeddings(keep(head))
+    if tied and not share_weights:
+        small.get_output_embeddings().weight = small.get_input_embeddings().weight
     left = [n for n, t in [*small.named_parameters(), *small.named_buffers()] if t.is_meta]
     if left:
         raise TypeError(f"cannot cut {target.name} into its first layers: no weights for {left[:3]}")

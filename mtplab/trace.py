@@ -67,7 +67,7 @@ class Round:
         for i, (tid, text) in enumerate(zip(self.draft_ids, self.draft_text)):
             if i < self.num_accepted:
                 out.append(("accepted", tid, text, i))
-            elif i == self.num_accepted:
+            elif i == self.num_accepted and self.token_id is not None:  # (after an accepted EOS nothing was rejected)
                 out.append(("rejected", tid, text, i))
         if self.token_id is not None:
             out.append((self.token_kind, self.token_id, self.token_text, self.num_accepted))

@@ -221,3 +221,23 @@ def test_record_off_keeps_decisions():
                                        record=rec).generate(PROMPT, 20, seed=5)
     on, off = d(True), d(False)
     assert on.token_ids == off.token_ids and off.rounds[0].p_top == [] and on.rounds[0].p_top
+
+
+def test_truncated_copy_is_independent_and_shares_nothing():
+    target = tiny(num_layers=3)
+    small = mtplab.truncated_copy(target, 2)
+    assert len(small.model.layers) == 2 and len(target.model.model.layers) == 3
+    assert small.model.layers[0].self_attn.q_proj.weight.data_ptr() != target.model.model.layers[0].self_attn.q_proj.weight.data_ptr()
+    shared = mtplab.truncated_copy(target, 2, share_weights=True)
+    assert shared.model.layers[1] is target.model.model.layers[1] and shared.lm_head is target.model.lm_head
+    x = torch.tensor([PROMPT])
+    with torch.inference_mode():
+        assert torch.allclose(small(x).logits, shared(x).logits)
+
+
+def test_no_rejected_token_after_an_accepted_eos():
+    from mtplab.trace import Round
+
+    r = Round(index=0, context_len=3, drafter="d", num_draft_tokens=3, draft_ids=[5, 2, 7], draft_text=["a", "<eos>", "b"],
+              num_accepted=2, token_id=None)
+    assert [e[0] for e in r.token_events()] == ["accepted", "accepted"]

@@ -1,0 +1,274 @@
+"""Benchmarks: acceptance and measured speedup of each drafter against plain decoding, measured interleaved.
+
+Every speculative run is paired with a plain run of the same prompt and seed right next to it (which of the two
+goes first alternates from prompt to prompt), so slow drifts of the machine's speed hit both sides alike. Per
+configuration, over all prompts:
+
+* mean acceptance length = new tokens / rounds;  acceptance rate = accepted / drafted;
+* tokens/s = new tokens / seconds (``trace.metrics.seconds``: prefill + every round);
+* speedup = plain seconds per token / speculative seconds per token;
+* c (draft cost ratio) = draft seconds per drafted token / plain seconds per decoding step (prefill excluded).
+
+transformers' own ``generate`` (prompt lookup, assisted generation) is measured the same way against its own plain
+``generate``, plus one row comparing mtplab's plain loop with transformers' plain ``generate``.
+"""
+from __future__ import annotations
+
+import json
+import time
+from importlib import resources
+
+import torch
+
+DRAFTERS = ("prompt-lookup", "layer-skip", "draft-model")
+
+
+def load_prompts() -> list:
+    """The shipped benchmark prompts: a list of ``{"id": slug, "prompt": text}``."""
+    text = resources.files("mtplab").joinpath("data", "prompts.json").read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+def _prompt_texts(prompts) -> list:
+    shipped = load_prompts()
+    if prompts is None:
+        return [p["prompt"] for p in shipped]
+    if isinstance(prompts, int) and not isinstance(prompts, bool):
+        if not 1 <= prompts <= len(shipped):
+            raise ValueError(f"prompts must be a number in [1, {len(shipped)}] or a list of prompts, got {prompts!r}")
+        return [p["prompt"] for p in shipped[:prompts]]
+    texts = [p["prompt"] if isinstance(p, dict) else p for p in prompts]
+    if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+        raise ValueError("prompts must be a non-empty list of non-empty strings (or {'prompt': ...} dicts)")
+    return texts
+
+
+def _interleaved(prompts, spec_run, plain_run, bar):
+    """``[(spec_result, plain_result)]`` per prompt, the two runs back to back, alternating which goes first."""
+    pairs = []
+    for i, prompt in enumerate(prompts):
+        if i % 2 == 0:
+            s = spec_run(prompt)
+            b = plain_run(prompt)
+        else:
+            b = plain_run(prompt)
+            s = spec_run(prompt)
+        pairs.append((s, b))
+        bar.update(2)
+    return pairs
+
+
+def _hf_generate(model, ids, max_new_tokens, temperature, seed, **kw):
+    """transformers ``generate`` on prompt ids ``[1, n]``: (new token ids, wall seconds)."""
+    if temperature:
+        kw.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)  # as mtplab: no top-k/top-p
+    else:
+        kw.update(do_sample=False)
+    torch.manual_seed(seed)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, **kw)
+        seconds = time.perf_counter() - t0
+    return out[0, ids.shape[1]:].tolist(), seconds
+
+
+def _row(engine, method, gamma, temperature, tokens, seconds, plain_tokens, plain_seconds, **extra) -> dict:
+    return dict(engine=engine, method=method, gamma=gamma, temperature=temperature, new_tokens=tokens,
+                tokens_per_second=tokens / seconds, plain_tokens_per_second=plain_tokens / plain_seconds,
+                speedup=(plain_seconds / plain_tokens) / (seconds / tokens), **extra)
+
+
+def _mtplab_row(target, drafter, gamma, temperature, prompts, max_new_tokens, seed, record, bar) -> dict:
+    from .decoder import SpeculativeDecoder
+
+    spec = SpeculativeDecoder(target, drafter, num_draft_tokens=gamma, temperature=temperature, record=record)
+    plain = SpeculativeDecoder(target, None, temperature=temperature, record=record)
+    pairs = _interleaved(prompts, lambda p: spec.generate(p, max_new_tokens, seed),
+                         lambda p: plain.generate(p, max_new_tokens, seed), bar)
+    s, b = [t.metrics for t, _ in pairs], [t.metrics for _, t in pairs]
+    tokens, drafted = _sum(s, "new_tokens"), _sum(s, "drafted")
+    plain_steps = _sum(b, "draft_seconds") + _sum(b, "verify_seconds") + _sum(b, "bookkeeping_seconds")
+    plain_step = plain_steps / _sum(b, "new_tokens")  # seconds per decoding step, prefill excluded
+    return _row(
+        "mtplab", drafter.name, gamma, temperature,
+        tokens, _sum(s, "seconds"), _sum(b, "new_tokens"), _sum(b, "seconds"),
+        mean_acceptance_length=tokens / _sum(s, "rounds"),
+        acceptance_rate=_sum(s, "accepted") / drafted if drafted else 0.0,
+        draft_cost_ratio=(_sum(s, "draft_seconds") / drafted) / plain_step if drafted else None,
+        exact=all(a.token_ids == p.token_ids for a, p in pairs) if temperature == 0 else None,
+    )
+
+
+def _sum(metrics, field):
+    return sum(getattr(m, field) for m in metrics)
+
+
+def _hf_row(target, method, gamma, temperature, prompts, max_new_tokens, seed, bar, **kw) -> dict:
+    model = target.model
+    ids = {p: torch.tensor([target.encode(p)], device=target.device) for p in prompts}
+    pairs = _interleaved(prompts, lambda p: _hf_generate(model, ids[p], max_new_tokens, temperature, seed, **kw),
+                         lambda p: _hf_generate(model, ids[p], max_new_tokens, temperature, seed), bar)
+    return _row("transformers", method, gamma, temperature,
+                sum(len(s[0]) for s, _ in pairs), sum(s[1] for s, _ in pairs),
+                sum(len(b[0]) for _, b in pairs), sum(b[1] for _, b in pairs),
+                exact=all(s[0] == b[0] for s, b in pairs) if temperature == 0 else None)
+
+
+def _baseline_row(target, prompts, max_new_tokens, seed, record, bar) -> dict:
+    """mtplab's plain loop vs transformers' plain greedy generate, both timed around the whole call."""
+    from .decoder import SpeculativeDecoder
+
+    plain = SpeculativeDecoder(target, None, record=record)
+    ids = {p: target.encode(p) for p in prompts}
+
+    def ours(p):
+        t0 = time.perf_counter()
+        trace = plain.generate(list(ids[p]), max_new_tokens, seed)
+        return trace.token_ids, time.perf_counter() - t0
+
+    def theirs(p):
+        return _hf_generate(target.model, torch.tensor([ids[p]], device=target.device), max_new_tokens, 0.0, seed)
+
+    pairs = _interleaved(prompts, ours, theirs, bar)
+    return _row("mtplab", "plain vs transformers plain", None, 0.0,
+                sum(len(m[0]) for m, _ in pairs), sum(m[1] for m, _ in pairs),
+                sum(len(h[0]) for _, h in pairs), sum(h[1] for _, h in pairs),
+                exact=all(m[0] == h[0] for m, h in pairs))
+
+
+def _recording_row(target, prompts, max_new_tokens, seed, bar) -> dict:
+    """Prompt lookup, γ=4, greedy with record=True vs record=False: the cost of filling the view fields."""
+    from .decoder import SpeculativeDecoder
+    from .drafters import PromptLookupDrafter
+
+    on = SpeculativeDecoder(target, PromptLookupDrafter(), num_draft_tokens=4, record=True)
+    off = SpeculativeDecoder(target, PromptLookupDrafter(), num_draft_tokens=4, record=False)
+    pairs = _interleaved(prompts, lambda p: on.generate(p, max_new_tokens, seed).metrics,
+                         lambda p: off.generate(p, max_new_tokens, seed).metrics, bar)
+    on_m, off_m = [a for a, _ in pairs], [b for _, b in pairs]
+    row = _row("mtplab", "prompt-lookup record=True vs False", 4, 0.0, _sum(on_m, "new_tokens"), _sum(on_m, "seconds"),
+               _sum(off_m, "new_tokens"), _sum(off_m, "seconds"))
+    row["recording_overhead_pct"] = 100 * (1 / row.pop("speedup") - 1)
+    row["note"] = f"record=True costs {row['recording_overhead_pct']:+.1f}% time (plain tok/s: record=False)"
+    return row
+
+
+def run_bench(target=None, prompts=None, max_new_tokens: int = 64, gammas=(1, 2, 4, 8), temperatures=(0.0, 0.7),
+              drafters=DRAFTERS, exit_layer: int = 12, draft_layers: int = 12, seed: int = 0, hf: bool = True,
+              record: bool = True, measure_recording: bool = False, progress: bool = True) -> list:
+    """Measure every (drafter, γ, temperature) on the prompts; return one dict per table row.
+
+    ``target``: a :class:`~mtplab.models.Target` or a name for :func:`~mtplab.models.load_target` (default:
+    the bundled model). ``prompts``: ``None`` (all shipped), a number (the first N shipped) or a list of texts.
+    """
+    from tqdm.auto import tqdm
+    from transformers.utils import logging as hf_logging
+
+    from .decoder import SpeculativeDecoder
+    from .drafters import DraftModelDrafter, LayerSkipDrafter, PromptLookupDrafter
+    from .models import Target, load_target, truncated_copy
+
+    unknown = [d for d in drafters if d not in DRAFTERS]
+    if unknown:
+        raise ValueError(f"drafters must be chosen from {DRAFTERS}, got {unknown}")
+    if not gammas or not temperatures:
+        raise ValueError("gammas and temperatures must be non-empty")
+    texts = _prompt_texts(prompts)
+    target = target if isinstance(target, Target) else load_target(target)
+    small = truncated_copy(target, draft_layers) if "draft-model" in drafters else None
+    made = {
+        "prompt-lookup": PromptLookupDrafter,
+        "layer-skip": lambda: LayerSkipDrafter(target, exit_layer=exit_layer),
+        "draft-model": lambda: DraftModelDrafter(small, target.tokenizer,
+                                                 name=f"draft-model(first {draft_layers} layers)"),
+    }
+    ours = [made[name]() for name in drafters]  # one drafter object per kind, reused by every configuration
+    hf_paths = []  # (method name, generate kwargs for γ)
+    if hf and "prompt-lookup" in drafters:
+        # max_matching_ngram_size=3: the same longest n-gram as mtplab's PromptLookupDrafter
+        hf_paths.append(("prompt-lookup", lambda g: dict(prompt_lookup_num_tokens=g, max_matching_ngram_size=3)))
+    if hf and small is not None:
+        hf_paths.append((f"assistant(first {draft_layers} layers)", lambda g: dict(
+            assistant_model=_assistant(small, g), num_assistant_tokens=g, num_assistant_tokens_schedule="constant")))
+
+    n, configs = len(texts), len(gammas) * len(temperatures)
+    total = 2 * n * (configs * (len(ours) + len(hf_paths)) + bool(hf) + bool(measure_recording))
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # transformers warns about generation flags on every call
+    try:
+        # warm-up: one short generate per path, so no measured run pays for first-call costs
+        for d in [None, *ours]:
+            SpeculativeDecoder(target, d, num_draft_tokens=2).generate(texts[0], 4, seed)
+        if hf:
+            first = torch.tensor([target.encode(texts[0])], device=target.device)
+            for kw in [{}, *(make(2) for _, make in hf_paths)]:
+                _hf_generate(target.model, first, 4, 0.0, seed, **kw)
+
+        rows = []
+        with tqdm(total=total, desc="bench", unit="run", disable=not progress) as bar:
+            if hf:
+                rows.append(_baseline_row(target, texts, max_new_tokens, seed, record, bar))
+            for temperature in temperatures:
+                for gamma in gammas:
+                    for d in ours:
+                        bar.set_postfix_str(f"{d.name} γ={gamma} T={temperature}")
+                        rows.append(_mtplab_row(target, d, gamma, temperature, texts, max_new_tokens, seed, record,
+                                                bar))
+                    for method, make in hf_paths:
+                        bar.set_postfix_str(f"transformers {method} γ={gamma} T={temperature}")
+                        rows.append(_hf_row(target, method, gamma, temperature, texts, max_new_tokens, seed, bar,
+                                            **make(gamma)))
+            if measure_recording:
+                rows.append(_recording_row(target, texts, max_new_tokens, seed, bar))
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    for r in rows:
+        r.update(prompts=n, max_new_tokens=max_new_tokens, device=str(target.device))
+    return rows
+
+
+def _assistant(model, gamma):
+    """transformers reads γ from the assistant's own generation_config (generate's kwargs do not reach it)."""
+    cfg = model.generation_config
+    cfg.num_assistant_tokens, cfg.num_assistant_tokens_schedule = gamma, "constant"
+    cfg.assistant_confidence_threshold = 0.0  # no early stop of the draft: a constant γ, as mtplab
+    return model
+
+
+COLUMNS = [  # (header, key, format)
+    ("engine", "engine", "{}"), ("method", "method", "{}"), ("γ", "gamma", "{}"), ("T", "temperature", "{:g}"),
+    ("acc.len", "mean_acceptance_length", "{:.2f}"), ("acc.rate", "acceptance_rate", "{:.2f}"),
+    ("tok/s", "tokens_per_second", "{:.1f}"), ("plain tok/s", "plain_tokens_per_second", "{:.1f}"),
+    ("speedup", "speedup", "{:.2f}x"), ("c", "draft_cost_ratio", "{:.2f}"), ("exact", "exact", "{}"),
+    ("note", "note", "{}"),
+]
+
+
+def _cell(row, key, fmt) -> str:
+    value = row.get(key)
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return fmt.format(value)
+
+
+def format_table(rows) -> str:
+    """An aligned plain-text table of :func:`run_bench` rows, with a header line and a footer line."""
+    if not rows:
+        return "(no rows)"
+    columns = [c for c in COLUMNS if c[1] != "note" or any(r.get("note") for r in rows)]
+    cells = [[h for h, _, _ in columns]] + [[_cell(r, k, f) for _, k, f in columns] for r in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    left = {"engine", "method", "note"}
+    fmt = lambda line: "  ".join(  # noqa: E731
+        c.ljust(w) if k in left else c.rjust(w) for c, w, (_, k, _) in zip(line, widths, columns)).rstrip()
+    lines = [fmt(cells[0]), "  ".join("-" * w for w in widths)] + [fmt(line) for line in cells[1:]]
+    device = rows[0].get("device", "cpu")
+    machine = f"{torch.get_num_threads()} CPU threads" + ("" if device.startswith("cpu") else f", {device}")
+    lines.append(
+        f"speedup = plain s/token / speculative s/token, measured interleaved in this run; "
+        f"{rows[0].get('prompts', '?')} prompts, {rows[0].get('max_new_tokens', '?')} new tokens, "
+        f"machine: {machine}, torch {torch.__version__}"
+    )
+    return "\n".join(lines)

