@@ -82,26 +82,30 @@ class SpeculativeDecoder:
         return self.trace
 
     def stream(self, prompt, max_new_tokens: int = 64, seed: int = 0, chat_template: bool | None = None):
-        """Yield a :class:`Round` as soon as each one is decided; ``self.trace`` holds the run so far."""
+        """Check the arguments now, then return an iterator that yields a :class:`Round` as soon as each one is
+        decided; ``self.trace`` holds the run so far."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an integer, got {seed!r}")
-        target, drafter = self.target, self.drafter
+        target = self.target
         ids = target.encode(prompt, chat_template)
         if len(ids) + max_new_tokens > target.max_context:
             raise ValueError(
                 f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context of "
                 f"{target.name}: at most {target.max_context} tokens"
             )
-        gen = torch.Generator().manual_seed(seed)
         self._stop = False
-        self.trace = trace = Trace(
+        self.trace = Trace(
             prompt=prompt if isinstance(prompt, str) else target.decode(prompt), prompt_ids=list(ids),
             config=dict(target=target.name, drafter=self.drafter_name, num_draft_tokens=self.num_draft_tokens,
                         schedule=self.schedule, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                         seed=seed, max_new_tokens=max_new_tokens),
         )
+        return self._rounds(ids, max_new_tokens, torch.Generator().manual_seed(seed))
+
+    def _rounds(self, ids, max_new_tokens, gen):
+        target, drafter, trace = self.target, self.drafter, self.trace
         hidden_needed = drafter is not None and drafter.uses_target_hidden
         t0 = time.perf_counter()
         cache = new_cache(target.model)

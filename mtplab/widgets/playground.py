@@ -1,14 +1,15 @@
 """The Playground: a real speculative decoder with every control, the token view, the inspector and the dashboard.
 
-Decoding runs in a background thread so the notebook stays responsive; views are redrawn at most every
-``REFRESH_SECONDS`` from the rounds the decoder emitted. Changing the draft length or sampling while a run is going
+Decoding runs in one background worker thread (all model work, Step included, happens there: torch keeps one
+thread pool per calling thread, and two pools fight over a small CPU) so the notebook stays responsive; views are
+redrawn at most every ``REFRESH_SECONDS`` from the rounds the decoder emitted. Changing the draft length or sampling while a run is going
 takes effect from the next round (the decoder reads its settings at every round) and is marked in the token view.
 """
 from __future__ import annotations
 
 import html
-import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import ipywidgets as W
 
@@ -83,7 +84,8 @@ class Playground(W.VBox):
         self.trace = self.plain = None  # the last good run and its plain baseline
         self.decoder = None
         self._stream = None
-        self._thread = None
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtplab-playground")
+        self._job: Future | None = None
         self._marks = {}
         self.buttons["Run"].on_click(lambda _: self.run())
         self.buttons["Step"].on_click(lambda _: self.step())
@@ -93,6 +95,8 @@ class Playground(W.VBox):
             getattr(self, name).observe(lambda ch, name=name: self._live_change(name, ch["new"]), "value")
         self.tokens.observe(lambda ch: self._select(ch["new"]), "selected")
         self.dashboard.on_sweep = self.sweep
+        # warm the worker up (thread pool, first-call costs) so the first measured run is not penalised
+        self._worker.submit(SpeculativeDecoder(self.target, None).generate, "Hello", 2)  # runs before any queued job
 
     # --- settings ----------------------------------------------------------------------------------------------
     def _settings(self) -> dict:
@@ -124,35 +128,35 @@ class Playground(W.VBox):
 
     @property
     def running(self) -> bool:
-        return (self._thread is not None and self._thread.is_alive()) or self._stream is not None
+        return self._busy or self._stream is not None
+
+    @property
+    def _busy(self) -> bool:
+        return self._job is not None and not self._job.done()
 
     # --- running -------------------------------------------------------------------------------------------
     def _start(self):
         """A fresh decoder and stream from the current controls, or None (error shown inline)."""
         try:
             dec = self._make_decoder()
-            stream = dec.stream(self.prompt.value, self.max_new_tokens.value, self.seed.value)
-            first = next(stream)  # validates prompt and lengths before anything is cleared
+            stream = dec.stream(self.prompt.value, self.max_new_tokens.value, self.seed.value)  # checks everything
         except (ValueError, TypeError) as e:
             self._show_error(e)
             return None
         self._show_error(None)
         self.decoder, self._marks, self.plain = dec, {}, None
+        self.tokens.clear()
         self.inspector.clear()
         self.dashboard.clear()
-        self._refresh()
-        return stream, first
+        return stream
 
     def run(self) -> None:
         """Decode the prompt in a background thread, then measure the plain baseline on it."""
         if self.running:
             return
-        started = self._start()
-        if started is None:
-            return
-        stream, _ = started
-        self._thread = threading.Thread(target=self._run_thread, args=(stream,), daemon=True)
-        self._thread.start()
+        stream = self._start()
+        if stream is not None:
+            self._job = self._worker.submit(self._run_thread, stream)
 
     def _run_thread(self, stream) -> None:
         try:
@@ -181,19 +185,14 @@ class Playground(W.VBox):
                               f"{speedup(self.trace, self.plain):.2f}× plain decoding")
 
     def step(self) -> None:
-        """Run exactly one round (in the kernel's thread: a round takes well under a second)."""
-        if self._thread is not None and self._thread.is_alive():
+        """Decode exactly one round (on the worker; this waits for it: a round takes well under a second)."""
+        if self._busy:
             return
         if self._stream is None:
-            started = self._start()
-            if started is None:
+            self._stream = self._start()
+            if self._stream is None:
                 return
-            self._stream = started[0]
-            self._refresh()
-            return
-        try:
-            next(self._stream)
-        except StopIteration:
+        if self._worker.submit(next, self._stream, None).result() is None:  # the run is complete
             self._stream = None
             self.trace = self.decoder.trace
         self._refresh()
@@ -202,7 +201,7 @@ class Playground(W.VBox):
         if self.decoder is not None:
             self.decoder.stop()
         if self._stream is not None:
-            self._stream.close()
+            self._worker.submit(self._stream.close).result()
             self._stream = None
             self.decoder.trace.stop_reason = "stopped"
             self.trace = self.decoder.trace
@@ -210,8 +209,8 @@ class Playground(W.VBox):
 
     def wait(self, timeout: float | None = None) -> None:
         """Block until a background run (and its baseline) is finished — for scripts and tests."""
-        if self._thread is not None:
-            self._thread.join(timeout)
+        if self._job is not None:
+            self._job.result(timeout)
 
     def reset(self) -> None:
         self.stop()
@@ -262,6 +261,5 @@ class Playground(W.VBox):
             finally:
                 bar.layout.visibility = "hidden"
 
-        self._thread = threading.Thread(target=work, daemon=True)
-        self._thread.start()
+        self._job = self._worker.submit(work)
         return points
