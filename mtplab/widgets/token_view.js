@@ -15,6 +15,7 @@ function renderRound(r) {
   const g = document.createElement("span");
   g.className = "round";
   g.dataset.round = r.i;
+  if (r.k !== undefined) g.dataset.k = r.k;
   if (r.mark) {
     const m = document.createElement("span");
     m.className = "setting-change";

@@ -12,8 +12,9 @@ HERE = Path(__file__).parent
 
 
 def round_tokens(rnd, mark: str = "") -> dict:
-    """The part of a Round the browser needs: ``{"i", "mark", "toks": [[kind, text, pos, tip], ...]}``."""
-    return {"i": rnd.index, "mark": mark,
+    """The part of a Round the browser needs: ``{"i", "k", "mark", "toks": [[kind, text, pos, tip], ...]}``
+    (``k``: the draft length the round asked for, shown as ``data-k`` on the round's span)."""
+    return {"i": rnd.index, "k": rnd.num_draft_tokens, "mark": mark,
             "toks": [[kind, text, pos, token_tip(rnd, kind, pos)] for kind, _, text, pos in rnd.token_events()]}
 
 
