@@ -30,7 +30,8 @@ class SpeedupDashboard(W.VBox):
         f.add_scatter(name="theory (measured v(γ))", x=[], y=[], mode="lines", line=dict(color=COLORS["theory"]), row=1, col=3)
         f.add_scatter(name="measured", x=[], y=[], mode="markers", marker=dict(color=COLORS["measured"], size=10, symbol="diamond"), row=1, col=3)
         f.add_scatter(name="sweep", x=[], y=[], mode="markers+lines", marker=dict(color=COLORS["bonus"], size=7), row=1, col=3)
-        f.update_layout(barmode="stack", height=300, margin=dict(l=40, r=10, t=40, b=40), legend=dict(orientation="h", y=-0.2))
+        f.update_layout(barmode="stack", height=320, width=900, margin=dict(l=40, r=10, t=40, b=40),
+                        legend=dict(orientation="h", y=-0.25))
         f.update_yaxes(range=[0, 1.05], row=1, col=1)
         f.update_yaxes(title_text="ms", row=1, col=2)
         f.update_yaxes(title_text="× plain", row=1, col=3)

@@ -76,8 +76,9 @@ class RoundInspector(W.VBox):
             data=[go.Bar(name="p (target)", marker_color=COLORS["target"], x=[], y=[]),
                   go.Bar(name="q (drafter)", marker_color=COLORS["drafter"], x=[], y=[]),
                   go.Bar(name="residual norm(max(0, p−q))", marker_color=COLORS["rejected"], x=[], y=[])],
-            layout=go.Layout(barmode="group", height=260, margin=dict(l=40, r=10, t=10, b=60),
-                             yaxis=dict(title="probability", range=[0, 1]), legend=dict(orientation="h", y=1.15)),
+            layout=go.Layout(barmode="group", height=260, width=720, margin=dict(l=50, r=10, t=10, b=60),
+                             xaxis=dict(type="category"), yaxis=dict(title="probability", range=[0, 1]),
+                             legend=dict(orientation="h", y=1.15)),
         )
         self.costs = W.HTML("")
         super().__init__([self.title, self.fig, self.costs])
