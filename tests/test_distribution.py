@@ -47,9 +47,11 @@ def first_token_dist(target, q_of, ctx, cfg):
     return out
 
 
-def two_token_dist(target, q_of, ctx, cfg):
+def two_token_dist(target, q_of, ctx, cfg, q_next=None):
     """Exact joint distribution of the first two emitted tokens with a 2-token draft (and, after an early
-    rejection, the next round's first token)."""
+    rejection, the next round's first token). ``q_next(ctx, x1)``: the drafter's distribution for its second
+    token after drafting x1 (default: ``q_of(ctx + [x1])``; drafters with their own state pass their own)."""
+    q_next = q_next or (lambda c, x: q_of(c + [x]))
     out = torch.zeros(V, V, dtype=torch.float64)
     p1, q1 = dist(target, ctx, cfg), q_of(ctx)
     for x1 in range(V):
@@ -62,7 +64,7 @@ def two_token_dist(target, q_of, ctx, cfg):
             if r1[y1] > 0:
                 out[y1] += q1[x1] * (1 - a1) * r1[y1] * first_token_dist(target, q_of, ctx + [y1], cfg)
         # accepted x1: the second drafted token x2 decides y2 in this round
-        p2, q2 = dist(target, ctx + [x1], cfg), q_of(ctx + [x1])
+        p2, q2 = dist(target, ctx + [x1], cfg), q_next(ctx, x1)
         for x2 in range(V):
             if q2[x2] == 0:
                 continue

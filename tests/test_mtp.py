@@ -1,0 +1,134 @@
+"""mtplab's MTP drafter on tiny random targets: exactness (greedy and sampled), save/load, training, bad checkpoints."""
+import pytest
+import torch
+
+import mtplab
+from mtplab import SpeculativeDecoder, sampling
+from mtplab.drafters.mtp import MTPDrafter, MTPHead
+from mtplab.sampling import SamplingConfig
+from mtplab.train import acceptance_by_position, collect_features, train_mtp_drafter
+
+from conftest import tiny
+from test_distribution import CONFIGS, CTX, V, dist, first_token_dist, target_joint, two_token_dist
+
+PROMPT = [1, 2, 3, 4, 5, 6, 1, 2, 3]
+
+
+def random_mtp(target, seed=0, vocab_ids=None):
+    torch.manual_seed(seed)
+    head = MTPHead(target.model.config.hidden_size, num_layers=2)
+    for p in head.parameters():  # a random head with peaky, varied outputs
+        torch.nn.init.normal_(p, std=0.3)
+    return MTPDrafter(head, vocab_ids)
+
+
+@pytest.mark.parametrize("gamma", [1, 3, 7])
+@pytest.mark.parametrize("vocab", [None, list(range(0, 64, 2))])
+def test_greedy_mtp_equals_plain(gamma, vocab):
+    target = tiny()
+    want = SpeculativeDecoder(target, None).generate(PROMPT, 40).token_ids
+    trace = SpeculativeDecoder(target, random_mtp(target, vocab_ids=vocab), num_draft_tokens=gamma).generate(PROMPT, 40)
+    assert trace.token_ids == want
+    assert all(r.draft_start_position == r.context_len - 2 for r in trace.rounds if r.num_drafted)
+    if vocab:
+        assert all(t % 2 == 0 for r in trace.rounds for t in r.draft_ids)  # drafts stay in the draft vocabulary
+
+
+def mtp_q(target, drafter, cfg):
+    """The drafter's q for the first drafted position at a context, and for the second after drafting x1."""
+    drafter.bind(target)
+
+    def state(ctx):
+        with torch.inference_mode():
+            h = target.model(torch.tensor([ctx[:-1]]), output_hidden_states=True).hidden_states[-1][0, -1]
+            return drafter.head(h, drafter.embed(torch.tensor(ctx[-1])))
+
+    def q_first(ctx):
+        with torch.inference_mode():
+            return sampling.probs(drafter.logits(state(ctx)), cfg).double()
+
+    def q_next(ctx, x1):
+        with torch.inference_mode():
+            s2 = drafter.head(state(ctx), drafter.embed(torch.tensor(x1)))
+            return sampling.probs(drafter.logits(s2), cfg).double()
+
+    return q_first, q_next
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=str)
+def test_exact_distribution_mtp(cfg):
+    target = tiny(vocab_size=V)
+    drafter = random_mtp(target, vocab_ids=[0, 1, 2, 3, 5])  # a restricted draft vocabulary: q = 0 elsewhere
+    q_first, q_next = mtp_q(target, drafter, cfg)
+    assert torch.allclose(first_token_dist(target, q_first, CTX, cfg), dist(target, CTX, cfg), atol=1e-9)
+    joint = two_token_dist(target, q_first, CTX, cfg, q_next)
+    assert torch.allclose(joint, target_joint(target, CTX, cfg), atol=1e-9)
+
+
+def test_chi_square_mtp_on_real_decoder():
+    from scipy.stats import chisquare
+
+    target = tiny(vocab_size=V)
+    dec = SpeculativeDecoder(target, random_mtp(target), num_draft_tokens=3, temperature=1.0, record=False)
+    n, counts = 1000, torch.zeros(V * V)
+    for seed in range(n):
+        y = dec.generate(CTX, max_new_tokens=2, seed=seed).token_ids
+        counts[y[0] * V + y[1]] += 1
+    expected = target_joint(target, CTX, SamplingConfig(1.0)).flatten() * n
+    keep = expected >= 5
+    obs = torch.cat([counts[keep], counts[~keep].sum()[None]]).numpy()
+    exp = torch.cat([expected[keep], expected[~keep].sum()[None]]).numpy()
+    assert chisquare(obs, exp * obs.sum() / exp.sum()).pvalue > 1e-3
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    target = tiny(vocab_size=64, seed=0)
+    gen = SpeculativeDecoder(target, None, temperature=1.0)
+    seqs = [PROMPT[:3] + gen.generate(PROMPT[:3], 61, seed=s).token_ids for s in range(24)]
+    feats = collect_features(target, seqs, block_size=32, progress=False)
+    out = tmp_path_factory.mktemp("mtp")
+    drafter = train_mtp_drafter(target, feats, out, steps=150, batch_size=8, log_every=50, lr=3e-3,
+                                draft_vocab_size=48, progress=False, log=lambda *_: None)
+    return target, feats, out, drafter
+
+
+def test_training_lowers_the_loss_and_raises_acceptance(trained):
+    target, _, _, drafter = trained
+    first, last = drafter.history[0], drafter.history[-1]
+    assert last["val_loss"] < first["val_loss"]
+    assert len(last["acceptance"]) == 4
+    assert last["acceptance"][0] > first["acceptance"][0] + 0.03, (first, last)
+    m = SpeculativeDecoder(target, drafter, num_draft_tokens=3).generate(PROMPT, 40).metrics
+    assert m.accepted > 0
+
+
+def test_save_load_round_trip_gives_identical_drafts(trained):
+    target, _, out, drafter = trained
+    back = MTPDrafter.load(out)
+    assert torch.equal(back.vocab_ids, drafter.vocab_ids) and back.meta["unroll"] == 4
+    a = SpeculativeDecoder(target, drafter, num_draft_tokens=4, temperature=0.8).generate(PROMPT, 30, seed=2)
+    b = SpeculativeDecoder(target, back, num_draft_tokens=4, temperature=0.8).generate(PROMPT, 30, seed=2)
+    assert [r.draft_ids for r in a.rounds] == [r.draft_ids for r in b.rounds] and a.token_ids == b.token_ids
+
+
+def test_training_resumes_from_its_checkpoint(trained):
+    target, feats, out, drafter = trained
+    lines = []
+    again = train_mtp_drafter(target, feats, out, steps=170, batch_size=8, log_every=10, progress=False, log=lines.append)
+    assert lines[0] == "resuming from step 150" and again.history[-1]["step"] == 170
+
+
+def test_bad_checkpoints_are_refused(trained, tmp_path):
+    _, _, out, drafter = trained
+    with pytest.raises(ValueError, match="hidden size 32, but the target .* has hidden size 48"):
+        SpeculativeDecoder(mtplab.tiny_random_target(vocab_size=64, hidden_size=48), MTPDrafter.load(out))
+    with pytest.raises(ValueError, match="drafts token ids up to .* beyond the target .*vocabulary of 16"):
+        SpeculativeDecoder(mtplab.tiny_random_target(vocab_size=16), MTPDrafter.load(out))
+    with pytest.raises(ValueError, match="is not an MTP drafter folder"):
+        MTPDrafter.load(tmp_path)
+
+
+def test_acceptance_by_position_is_conditional():
+    m = torch.tensor([[1, 1, 0, 1], [1, 0, 0, 1]]).bool()  # [unroll=2, 4 positions]
+    assert acceptance_by_position(m) == pytest.approx([0.75, 1 / 3])
