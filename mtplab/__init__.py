@@ -1,7 +1,7 @@
 """mtplab: see speculative decoding and multi-token prediction work — a real, recorded speculative decoder."""
 from . import report, sampling, theory
 from .decoder import SpeculativeDecoder
-from .drafters import Draft, Drafter, DraftModelDrafter, LayerSkipDrafter, PromptLookupDrafter
+from .drafters import Draft, Drafter, DraftModelDrafter, LayerSkipDrafter, MTPDrafter, PromptLookupDrafter
 from .models import Target, fetch_bundled, load_model, load_target, tiny_random_target, truncated_copy
 from .sampling import SamplingConfig
 from .trace import Round, Trace, speedup
@@ -19,7 +19,7 @@ def __getattr__(name):  # the notebook views load ipywidgets/plotly only when as
     raise AttributeError(f"module 'mtplab' has no attribute {name!r}")
 
 __all__ = [
-    "SpeculativeDecoder", "Draft", "Drafter", "DraftModelDrafter", "LayerSkipDrafter", "PromptLookupDrafter",
+    "SpeculativeDecoder", "Draft", "Drafter", "DraftModelDrafter", "LayerSkipDrafter", "MTPDrafter", "PromptLookupDrafter",
     "Target", "fetch_bundled", "load_model", "load_target", "tiny_random_target", "truncated_copy",
     "SamplingConfig", "Round", "Trace", "speedup", "sampling", "theory",
 ]

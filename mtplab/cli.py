@@ -107,6 +107,21 @@ def cmd_fetch(args) -> None:
     print(fetch_bundled())
 
 
+def cmd_train_drafter(args) -> None:
+    import time
+
+    from .models import load_target
+    from .train import build_features, train_mtp_drafter
+
+    target = load_target(args.model)
+    t0 = time.perf_counter()
+    feats = build_features(target, args.out, args.max_tokens, args.block_size)
+    print(f"{feats['tokens'].numel()} training positions ({time.perf_counter() - t0:.0f} s)")
+    drafter = train_mtp_drafter(target, feats, args.out, num_layers=args.num_layers, draft_vocab_size=args.draft_vocab,
+                                unroll=args.unroll, steps=args.steps, batch_size=args.batch_size, lr=args.lr)
+    print(f"saved {drafter.name} to {args.out} ({time.perf_counter() - t0:.0f} s in all)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .bench import DRAFTERS
 
@@ -146,6 +161,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", default=None, help="hub id or local folder (default: bundled SmolLM2-135M)")
     bench.add_argument("--json", metavar="PATH", help="write the rows as JSON")
     bench.set_defaults(func=cmd_bench)
+
+    train = sub.add_parser("train-drafter", help="train an MTP drafter for the target by self-distillation (resumes)")
+    train.add_argument("--out", required=True, help="folder for features, checkpoints and the drafter")
+    train.add_argument("--model", default=None, help="target: hub id or local folder (default: bundled SmolLM2-135M)")
+    train.add_argument("--max-tokens", type=int, default=None, help="cap on training tokens (default: all)")
+    train.add_argument("--block-size", type=int, default=128)
+    train.add_argument("--num-layers", type=int, default=2)
+    train.add_argument("--draft-vocab", type=int, default=8192, help="draft vocabulary: most frequent N tokens")
+    train.add_argument("--unroll", type=int, default=4, help="steps ahead trained with the head's own fed-back state")
+    train.add_argument("--steps", type=int, default=2000)
+    train.add_argument("--batch-size", type=int, default=8)
+    train.add_argument("--lr", type=float, default=2e-3)
+    train.set_defaults(func=cmd_train_drafter)
 
     fetch = sub.add_parser("fetch", help="download and convert the bundled model; print its folder")
     fetch.set_defaults(func=cmd_fetch)

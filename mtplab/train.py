@@ -156,3 +156,84 @@ def train_mtp_drafter(target, features: dict, out_dir, *, num_layers: int = 2, d
     drafter.history = history
     drafter.save(out_dir, target=target.name, unroll=unroll, steps=steps, history=history)
     return drafter
+
+
+STDLIB_MODULES = (
+    "abc argparse array asyncio base64 bisect calendar collections contextlib copy csv dataclasses datetime decimal "
+    "difflib enum fractions functools glob gzip hashlib heapq html http.client inspect io ipaddress itertools json "
+    "logging math operator os pathlib pickle pprint queue random re sched secrets shlex shutil socket sqlite3 "
+    "statistics string struct subprocess tempfile textwrap threading time timeit tokenize typing unittest "
+    "urllib.parse uuid warnings weakref zipfile zlib"
+).split()
+
+
+def stdlib_module_names() -> list:
+    """Every importable, side-effect-free public module of this Python's standard library."""
+    import sys
+
+    skip = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "test", "lib2to3", "pydoc_data",
+            "ensurepip", "venv", "webbrowser", "msilib", "winreg", "winsound", "msvcrt", "nt", "crypt", "nis", "spwd",
+            "ossaudiodev", "curses", "readline"}
+    names = getattr(sys, "stdlib_module_names", STDLIB_MODULES)
+    return [m for m in sorted(names) if not m.startswith("_") and m not in skip]
+
+
+def stdlib_texts(modules=None) -> list:
+    """Docstrings of the Python standard library (PSF licence: redistributable), one text per module, as
+    training text that anyone can regenerate from their own Python."""
+    import importlib
+    import inspect
+
+    texts = []
+    for name in modules or stdlib_module_names():
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        parts = [inspect.getdoc(mod) or ""]
+        for attr in sorted(vars(mod)):
+            obj = getattr(mod, attr)
+            if attr.startswith("_") or getattr(obj, "__module__", None) != mod.__name__:
+                continue
+            doc = inspect.getdoc(obj)
+            if doc and len(doc) > 80:
+                parts.append(f"{attr}\n{doc}")
+        text = "\n\n".join(p for p in parts if p)
+        if len(text) > 500:
+            texts.append(text)
+    return texts
+
+
+def chat_sequences(target, texts, max_prompt_tokens: int = 200) -> list:
+    """Wrap text in the target's chat template as grounded requests ("Summarize / explain this: ...") so the
+    drafter sees the chat format it will draft in; the assistant side is the text itself (teacher forcing)."""
+    tok = target.tokenizer
+    asks = ("Explain this documentation:", "Summarize the following text:", "Rewrite this more simply:")
+    out = []
+    for i, text in enumerate(texts):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        prompt = tok.decode(ids[:max_prompt_tokens])
+        chat = tok.apply_chat_template([{"role": "user", "content": f"{asks[i % len(asks)]}\n\n{prompt}"},
+                                        {"role": "assistant", "content": tok.decode(ids)}], tokenize=False)
+        out.append(tok(chat, add_special_tokens=False)["input_ids"])
+    return out
+
+
+def build_features(target, out_dir, max_tokens: int | None = None, block_size: int = 128, progress=True) -> dict:
+    """Features of the target over the standard library's documentation in chat form, cached in ``out_dir``."""
+    path = Path(out_dir) / "features.pt"
+    if path.exists():
+        return torch.load(path)
+    seqs = chat_sequences(target, stdlib_texts())
+    if max_tokens:
+        kept, total = [], 0
+        for s in seqs:
+            kept.append(s[: max_tokens - total])
+            total += len(kept[-1])
+            if total >= max_tokens:
+                break
+        seqs = kept
+    feats = collect_features(target, seqs, block_size=block_size, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(feats, path)
+    return feats
