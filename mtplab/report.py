@@ -67,9 +67,41 @@ def metrics_html(trace: Trace) -> str:
     return "<table>" + "".join(f"<tr><td>{k}</td><td>{html.escape(str(v))}</td></tr>" for k, v in rows) + "</table>"
 
 
+def bars_svg(values, labels, title: str, colors, unit: str = "", width: int = 360, height: int = 150) -> str:
+    """A small static bar chart (inline SVG, no script): ``values`` is a list of stacks (lists of numbers)."""
+    top = max((sum(v) for v in values), default=0) or 1
+    n = max(len(values), 1)
+    bw = (width - 40) / n
+    parts = [f'<svg class="mtplab-chart" width="{width}" height="{height + 30}" role="img">'
+             f'<text x="{width / 2}" y="12" text-anchor="middle" font-size="12">{html.escape(title)}</text>']
+    for i, (stack, label) in enumerate(zip(values, labels)):
+        y = height
+        for v, color in zip(stack, colors):
+            h = (height - 20) * v / top
+            y -= h
+            parts.append(f'<rect x="{35 + i * bw:.1f}" y="{y:.1f}" width="{max(bw - 2, 1):.1f}" height="{h:.1f}" '
+                         f'fill="{color}"><title>{html.escape(str(label))}: {v:.3g}{unit}</title></rect>')
+        if n <= 16 or i % (n // 8 + 1) == 0:
+            parts.append(f'<text x="{35 + (i + .5) * bw:.1f}" y="{height + 14}" text-anchor="middle" '
+                         f'font-size="10">{html.escape(str(label))}</text>')
+    parts.append(f'<text x="2" y="24" font-size="10">{top:.3g}{unit}</text>'
+                 f'<line x1="34" y1="{height}" x2="{width}" y2="{height}" stroke="#999"/></svg>')
+    return "".join(parts)
+
+
+def charts_html(trace: Trace) -> str:
+    m = trace.metrics
+    acc = bars_svg([[a] for a in m.per_position_acceptance], range(len(m.per_position_acceptance)),
+                   "acceptance by draft position", [STYLE["accepted"][0]])
+    times = bars_svg([[1000 * r.draft_seconds, 1000 * r.verify_seconds, 1000 * r.bookkeeping_seconds]
+                      for r in trace.rounds], [r.index for r in trace.rounds],
+                     "time per round: draft / verify / bookkeeping", ["#E69F00", "#0072B2", "#999999"], " ms")
+    return f'<div class="charts">{acc}{times}</div>'
+
+
 def trace_html(trace: Trace) -> str:
     return (f'<div class="mtplab-trace"><style>{CSS}</style>{legend_html()}'
-            f"<div>{tokens_html(trace)}</div>{metrics_html(trace)}</div>")
+            f"<div>{tokens_html(trace)}</div>{metrics_html(trace)}{charts_html(trace)}</div>")
 
 
 def save_html(trace: Trace, path) -> Path:

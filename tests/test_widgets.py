@@ -106,3 +106,4 @@ def test_saved_trace_renders_static_html(tmp_path, bundled):
     page = mtplab.report.save_html(back, tmp_path / "t.html").read_text()
     assert page.count('class="tok tok-') == sum(len(r.token_events()) for r in trace.rounds) + 5  # + legend
     assert "mean acceptance length" in page and "<script" not in page
+    assert page.count("<svg") == 2 and page.count("<rect") >= len(trace.rounds)  # acceptance + time charts
