@@ -7,7 +7,7 @@ lab: setup
 	.venv/bin/jupyter lab notebooks/01_quickstart.ipynb
 
 test: setup
-	.venv/bin/python -m pytest -q
+	.venv/bin/python -m pytest -q --durations=12
 
 # the edit-test loop: tiny random models only (no bundled model), about a minute
 test-fast:
