@@ -21,5 +21,5 @@ def __getattr__(name):  # the notebook views load ipywidgets/plotly only when as
 __all__ = [
     "SpeculativeDecoder", "Draft", "Drafter", "DraftModelDrafter", "LayerSkipDrafter", "MTPDrafter", "PromptLookupDrafter",
     "Target", "fetch_bundled", "load_model", "load_target", "tiny_random_target", "truncated_copy",
-    "SamplingConfig", "Round", "Trace", "speedup", "sampling", "theory",
+    "SamplingConfig", "Round", "Trace", "speedup", "report", "sampling", "theory",
 ]

@@ -10,13 +10,11 @@
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .drafters.mtp import MTPDrafter, MTPHead
 

@@ -9,7 +9,6 @@ after an interruption. Prints mean acceptance length, per-position acceptance an
 import argparse
 import time
 
-import torch
 
 import mtplab
 from mtplab.bench import load_prompts

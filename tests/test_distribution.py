@@ -5,7 +5,6 @@ its draft probability, and add up the acceptance / residual-resampling outcomes 
 (``sampling.probs``, ``accept_prob``, ``residual``). The result must equal the target's distribution of the
 first emitted token and of the first two emitted tokens. Then a seeded chi-square test runs the real decoder.
 """
-import itertools
 
 import pytest
 import torch

@@ -13,7 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import ipywidgets as W
 
-from ..decoder import MAX_DRAFT_TOKENS, SpeculativeDecoder
+from ..decoder import SpeculativeDecoder
 from ..drafters import DraftModelDrafter, LayerSkipDrafter, PromptLookupDrafter
 from ..models import Target, load_target, truncated_copy
 from ..trace import speedup
