@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import torch
 
-MAX_TOP_K = 10**9
 
 
 @dataclass(frozen=True)
