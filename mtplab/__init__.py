@@ -1,8 +1,10 @@
 """mtplab: see speculative decoding and multi-token prediction work — a real, recorded speculative decoder."""
 from . import report, sampling, theory
 from .decoder import SpeculativeDecoder
-from .drafters import Draft, Drafter, DraftModelDrafter, LayerSkipDrafter, MTPDrafter, PromptLookupDrafter
+from .drafters import (BuiltinMTPDrafter, Draft, Drafter, DraftModelDrafter, Gemma4AssistantDrafter, LayerSkipDrafter,
+                       MTPDrafter, PromptLookupDrafter)
 from .models import Target, fetch_bundled, load_model, load_target, tiny_random_target, truncated_copy
+from .pairs import load_pair
 from .sampling import SamplingConfig
 from .trace import Round, Trace, speedup
 
@@ -20,6 +22,7 @@ def __getattr__(name):  # the notebook views load ipywidgets/plotly only when as
 
 __all__ = [
     "SpeculativeDecoder", "Draft", "Drafter", "DraftModelDrafter", "LayerSkipDrafter", "MTPDrafter", "PromptLookupDrafter",
-    "Target", "fetch_bundled", "load_model", "load_target", "tiny_random_target", "truncated_copy",
+    "BuiltinMTPDrafter", "Gemma4AssistantDrafter",
+    "Target", "fetch_bundled", "load_model", "load_target", "load_pair", "tiny_random_target", "truncated_copy",
     "SamplingConfig", "Round", "Trace", "speedup", "report", "sampling", "theory",
 ]

@@ -113,9 +113,10 @@ class SpeculativeDecoder:
         with torch.inference_mode():  # entered per step, never across a yield: a stream may resume in another thread
             if len(ids) > 1:
                 _, hidden = forward(target.model, ids[:-1], cache, hidden=hidden_needed, logits=False)
-                hidden = None if hidden is None else hidden[-1]
             if drafter is not None:
-                drafter.reset(ids, hidden)
+                drafter.reset(ids, None if hidden is None else hidden[-1])
+                drafter.observe(hidden, cache)
+            hidden = None if hidden is None else hidden[-1]
         trace.prefill_seconds = time.perf_counter() - t0
         self._k = self._k_base = self.num_draft_tokens
         new = 0
@@ -163,6 +164,7 @@ class SpeculativeDecoder:
         crop_cache(cache, context_len + n)
         if drafter is not None:
             drafter.rollback(context_len + n)
+            drafter.observe(None if h is None else h[: n + 1], cache)
         if self.schedule == "heuristic" and tokens:  # as transformers: +2 after a full accept, -1 otherwise
             self._k = min(MAX_DRAFT_TOKENS, self._k + 2) if n == len(tokens) else max(1, self._k - 1)
         rnd = Round(

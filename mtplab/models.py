@@ -165,13 +165,16 @@ class Target:
 
 
 def new_cache(model) -> DynamicCache:
-    return DynamicCache(config=model.config)
+    cache = DynamicCache(config=model.config)
+    cache.activate_past_recording()  # sliding-window layers (Gemma) keep the rows a rollback may need until crop_cache
+    return cache
 
 
 def crop_cache(cache: DynamicCache, length: int) -> None:
-    """Roll a KV cache back so that it holds exactly ``length`` positions."""
+    """Roll a KV cache back so that it holds exactly ``length`` positions (sliding-window layers also drop the rows
+    their window no longer needs, so this is called even when nothing is rolled back)."""
     extra = cache.get_seq_length() - length
-    if extra > 0:
+    if extra >= 0:
         cache.crop(-extra)
 
 

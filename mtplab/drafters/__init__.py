@@ -1,7 +1,10 @@
 """Drafters: one file per kind behind the interface in ``base``."""
 from .base import Draft, Drafter
+from .builtin_mtp import BuiltinMTPDrafter
 from .draft_model import DraftModelDrafter, LayerSkipDrafter
+from .gemma4 import Gemma4AssistantDrafter
 from .mtp import MTPDrafter, MTPHead
 from .prompt_lookup import PromptLookupDrafter
 
-__all__ = ["Draft", "Drafter", "DraftModelDrafter", "LayerSkipDrafter", "MTPDrafter", "MTPHead", "PromptLookupDrafter"]
+__all__ = ["Draft", "Drafter", "BuiltinMTPDrafter", "DraftModelDrafter", "Gemma4AssistantDrafter", "LayerSkipDrafter",
+           "MTPDrafter", "MTPHead", "PromptLookupDrafter"]

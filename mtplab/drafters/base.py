@@ -3,7 +3,9 @@
 A decode run calls ``reset`` once with the prompt, then each round ``propose`` (draft up to k tokens with their
 draft probabilities q) and, after the target verified them, ``rollback`` (forget everything past the accepted
 prefix). Drafters that read the target's last hidden state (MTP drafters) set ``uses_target_hidden`` and receive
-the hidden state of the position that produced the newest token.
+the hidden state of the position that produced the newest token. Drafters that read more of the target (the adapters
+for real MTP drafters need every final hidden state, or the target's KV cache) also get ``observe`` after each target
+pass, as transformers hands its candidate generators the target's model outputs.
 """
 from __future__ import annotations
 
@@ -39,6 +41,11 @@ class Drafter:
 
     def rollback(self, num_valid: int) -> None:
         """The first ``num_valid`` tokens of the sequence are final; drop any state past them."""
+
+    def observe(self, target_hidden: torch.Tensor | None, target_cache) -> None:
+        """After each target pass (the prompt's prefill, then every verify once rolled back): the target's last hidden
+        states of the positions that pass made final (``[m, H]``; ``None`` unless ``uses_target_hidden``) and the
+        target's KV cache, which holds every token but the newest. Most drafters ignore it."""
 
     @property
     def cache_len(self) -> int:
