@@ -2,7 +2,7 @@
 from . import report, sampling, theory
 from .decoder import SpeculativeDecoder
 from .drafters import (BuiltinMTPDrafter, Draft, Drafter, DraftModelDrafter, Gemma4AssistantDrafter, LayerSkipDrafter,
-                       MTPDrafter, PromptLookupDrafter)
+                       MTPDrafter, PromptLookupDrafter, load_drafter)
 from .models import Target, fetch_bundled, load_model, load_target, tiny_random_target, truncated_copy
 from .pairs import load_pair
 from .sampling import SamplingConfig
@@ -22,7 +22,7 @@ def __getattr__(name):  # the notebook views load ipywidgets/plotly only when as
 
 __all__ = [
     "SpeculativeDecoder", "Draft", "Drafter", "DraftModelDrafter", "LayerSkipDrafter", "MTPDrafter", "PromptLookupDrafter",
-    "BuiltinMTPDrafter", "Gemma4AssistantDrafter",
+    "BuiltinMTPDrafter", "Gemma4AssistantDrafter", "load_drafter",
     "Target", "fetch_bundled", "load_model", "load_target", "load_pair", "tiny_random_target", "truncated_copy",
     "SamplingConfig", "Round", "Trace", "speedup", "report", "sampling", "theory",
 ]

@@ -20,7 +20,7 @@ from importlib import resources
 
 import torch
 
-DRAFTERS = ("prompt-lookup", "layer-skip", "draft-model")
+DRAFTERS = ("mtp", "mtp-head", "prompt-lookup", "layer-skip", "draft-model")
 
 
 def load_prompts() -> list:
@@ -87,6 +87,7 @@ def _mtplab_row(target, drafter, gamma, temperature, prompts, max_new_tokens, se
                          lambda p: plain.generate(p, max_new_tokens, seed), bar)
     s, b = [t.metrics for t, _ in pairs], [t.metrics for _, t in pairs]
     tokens, drafted = _sum(s, "new_tokens"), _sum(s, "drafted")
+    rounds = [r for t, _ in pairs for r in t.rounds]
     plain_steps = _sum(b, "draft_seconds") + _sum(b, "verify_seconds") + _sum(b, "bookkeeping_seconds")
     plain_step = plain_steps / _sum(b, "new_tokens")  # seconds per decoding step, prefill excluded
     return _row(
@@ -96,7 +97,18 @@ def _mtplab_row(target, drafter, gamma, temperature, prompts, max_new_tokens, se
         acceptance_rate=_sum(s, "accepted") / drafted if drafted else 0.0,
         draft_cost_ratio=(_sum(s, "draft_seconds") / drafted) / plain_step if drafted else None,
         exact=all(a.token_ids == p.token_ids for a, p in pairs) if temperature == 0 else None,
+        per_position_acceptance=per_position(rounds, gamma),
     )
+
+
+def per_position(rounds, gamma) -> list:
+    """vLLM's per-position acceptance rates: position i accepted / rounds that drafted position i."""
+    out = []
+    for i in range(gamma):
+        drafted = [r for r in rounds if r.num_drafted > i]
+        if drafted:
+            out.append(sum(r.num_accepted > i for r in drafted) / len(drafted))
+    return out
 
 
 def _sum(metrics, field):
@@ -165,7 +177,7 @@ def run_bench(target=None, prompts=None, max_new_tokens: int = 64, gammas=(1, 2,
     from transformers.utils import logging as hf_logging
 
     from .decoder import SpeculativeDecoder
-    from .drafters import DraftModelDrafter, LayerSkipDrafter, PromptLookupDrafter
+    from .drafters import DraftModelDrafter, LayerSkipDrafter, PromptLookupDrafter, load_drafter
     from .models import Target, load_target, truncated_copy
 
     unknown = [d for d in drafters if d not in DRAFTERS]
@@ -177,6 +189,8 @@ def run_bench(target=None, prompts=None, max_new_tokens: int = 64, gammas=(1, 2,
     target = target if isinstance(target, Target) else load_target(target)
     small = truncated_copy(target, draft_layers) if "draft-model" in drafters else None
     made = {
+        "mtp": lambda: load_drafter("mtp", target),  # the shipped MTP drafter (copies from the context on 3-gram matches)
+        "mtp-head": lambda: load_drafter("mtp", target, context_ngram=None),  # the same head alone
         "prompt-lookup": PromptLookupDrafter,
         "layer-skip": lambda: LayerSkipDrafter(target, exit_layer=exit_layer),
         "draft-model": lambda: DraftModelDrafter(small, target.tokenizer,
@@ -240,6 +254,7 @@ COLUMNS = [  # (header, key, format)
     ("acc.len", "mean_acceptance_length", "{:.2f}"), ("acc.rate", "acceptance_rate", "{:.2f}"),
     ("tok/s", "tokens_per_second", "{:.1f}"), ("plain tok/s", "plain_tokens_per_second", "{:.1f}"),
     ("speedup", "speedup", "{:.2f}x"), ("c", "draft_cost_ratio", "{:.2f}"), ("exact", "exact", "{}"),
+    ("per-position acceptance", "per_position_acceptance", "{:.2f}"),
     ("note", "note", "{}"),
 ]
 
@@ -250,6 +265,8 @@ def _cell(row, key, fmt) -> str:
         return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
+    if isinstance(value, list):
+        return " ".join(fmt.format(v) for v in value) or "-"
     return fmt.format(value)
 
 
@@ -260,7 +277,7 @@ def format_table(rows) -> str:
     columns = [c for c in COLUMNS if c[1] != "note" or any(r.get("note") for r in rows)]
     cells = [[h for h, _, _ in columns]] + [[_cell(r, k, f) for _, k, f in columns] for r in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
-    left = {"engine", "method", "note"}
+    left = {"engine", "method", "note", "per_position_acceptance"}
     fmt = lambda line: "  ".join(  # noqa: E731
         c.ljust(w) if k in left else c.rjust(w) for c, w, (_, k, _) in zip(line, widths, columns)).rstrip()
     lines = [fmt(cells[0]), "  ".join("-" * w for w in widths)] + [fmt(line) for line in cells[1:]]

@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-DRAFTER_CHOICES = ("prompt-lookup", "layer-skip", "draft-model", "none")
+DRAFTER_CHOICES = ("mtp", "mtp-head", "prompt-lookup", "layer-skip", "draft-model", "none")
 COLORS = {"accepted": "32", "rejected": "31;9", "correction": "38;5;208", "bonus": "34"}
 MARKS = {"accepted": "+", "rejected": "-", "correction": "!", "bonus": "*"}
 
@@ -31,9 +31,11 @@ def _legend(color: bool) -> str:
 
 
 def _make_drafter(name, target, exit_layer, draft_layers):
-    from .drafters import DraftModelDrafter, LayerSkipDrafter, PromptLookupDrafter
+    from .drafters import DraftModelDrafter, LayerSkipDrafter, PromptLookupDrafter, load_drafter
     from .models import truncated_copy
 
+    if name in ("mtp", "mtp-head"):
+        return load_drafter("mtp", target, **({} if name == "mtp" else {"context_ngram": None}))
     if name == "prompt-lookup":
         return PromptLookupDrafter()
     if name == "layer-skip":
@@ -111,15 +113,30 @@ def cmd_train_drafter(args) -> None:
     import time
 
     from .models import load_target
-    from .train import build_features, train_mtp_drafter
+    from .train import build_features, train_mtp_drafter, train_on_sequences
 
     target = load_target(args.model)
     t0 = time.perf_counter()
-    feats = build_features(target, args.out, args.max_tokens, args.block_size)
-    print(f"{feats['tokens'].numel()} training positions ({time.perf_counter() - t0:.0f} s)")
-    drafter = train_mtp_drafter(target, feats, args.out, num_layers=args.num_layers, draft_vocab_size=args.draft_vocab,
-                                unroll=args.unroll, steps=args.steps, batch_size=args.batch_size, lr=args.lr)
-    print(f"saved {drafter.name} to {args.out} ({time.perf_counter() - t0:.0f} s in all)")
+    if args.data == "answers":  # the shipped drafter's recipe: the target's own answers (see scripts/make_mtp_drafter.py)
+        from .datagen import build_answer_corpus
+
+        seqs = build_answer_corpus(target, f"{args.out}/data", minutes=args.gen_minutes, batch_size=args.gen_batch,
+                                   limit=args.max_prompts)
+        print(f"{len(seqs)} answers ({time.perf_counter() - t0:.0f} s)")
+        drafter = train_on_sequences(target, seqs, args.out, heads=((args.num_layers, None),),
+                                     draft_vocab_size=args.draft_vocab, unroll=args.unroll, steps=args.steps,
+                                     batch_size=args.batch_size, lr=args.lr,
+                                     time_budget=None if args.train_minutes is None else 60 * args.train_minutes)[0]
+        where = f"{args.out}/head0"
+    else:
+        feats = build_features(target, args.out, args.max_tokens, args.block_size)
+        print(f"{feats['tokens'].numel()} training positions ({time.perf_counter() - t0:.0f} s)")
+        drafter = train_mtp_drafter(target, feats, args.out, num_layers=args.num_layers,
+                                    draft_vocab_size=args.draft_vocab, unroll=args.unroll, steps=args.steps,
+                                    batch_size=args.batch_size, lr=args.lr)
+        where = args.out
+    print(f"saved {drafter.name} to {where} ({time.perf_counter() - t0:.0f} s in all); "
+          f"use it with mtplab.load_drafter({where!r})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="decode a prompt, showing accepted / rejected drafted tokens as they come")
     run.add_argument("prompt")
-    run.add_argument("--drafter", choices=DRAFTER_CHOICES, default="prompt-lookup")
+    run.add_argument("--drafter", choices=DRAFTER_CHOICES, default="mtp")
     run.add_argument("-k", "--num-draft-tokens", dest="k", type=int, default=4, help="draft length γ (default 4)")
     run.add_argument("--schedule", choices=("constant", "heuristic"), default="constant")
     run.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
@@ -165,7 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train-drafter", help="train an MTP drafter for the target by self-distillation (resumes)")
     train.add_argument("--out", required=True, help="folder for features, checkpoints and the drafter")
     train.add_argument("--model", default=None, help="target: hub id or local folder (default: bundled SmolLM2-135M)")
-    train.add_argument("--max-tokens", type=int, default=None, help="cap on training tokens (default: all)")
+    train.add_argument("--data", choices=("docs", "answers"), default="docs",
+                       help="docs: teacher-forced standard-library docs (quick); answers: the target's own answers to "
+                            "thousands of prompts (the shipped drafter's recipe; wants a GPU)")
+    train.add_argument("--gen-minutes", type=float, default=None, help="answers: time limit for generation")
+    train.add_argument("--gen-batch", type=int, default=256, help="answers: sequences generated at once")
+    train.add_argument("--max-prompts", type=int, default=None, help="answers: use the first N prompts only")
+    train.add_argument("--train-minutes", type=float, default=None, help="answers: fit training into this time")
+    train.add_argument("--max-tokens", type=int, default=None, help="docs: cap on training tokens (default: all)")
     train.add_argument("--block-size", type=int, default=128)
     train.add_argument("--num-layers", type=int, default=2)
     train.add_argument("--draft-vocab", type=int, default=8192, help="draft vocabulary: most frequent N tokens")

@@ -235,3 +235,200 @@ def build_features(target, out_dir, max_tokens: int | None = None, block_size: i
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(feats, path)
     return feats
+
+
+# --- training straight from token sequences (the target's own answers), target features computed on the fly ---------
+
+def draft_vocabulary(sequences, size: int | None) -> torch.Tensor | None:
+    """The ``size`` most frequent answer tokens of ``sequences`` (``(ids, answer_start)`` pairs): for greedy answers
+    these are exactly the tokens the target most often predicts."""
+    if size is None:
+        return None
+    counts = torch.bincount(torch.tensor([t for ids, start in sequences for t in ids[start:]], dtype=torch.long))
+    size = min(size, int((counts > 0).sum()))
+    return torch.sort(torch.topk(counts, size).indices).values
+
+
+def _pad_batch(batch, pad: int, device):
+    width = max(len(ids) for ids, _ in batch)
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    answer = torch.zeros((len(batch), width), dtype=torch.bool)  # position t holds a token of the answer
+    for i, (seq, start) in enumerate(batch):
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = 1
+        answer[i, start: len(seq)] = True
+    return ids.to(device), mask.to(device), answer.to(device)
+
+
+@torch.no_grad()
+def _teacher(model, ids, mask, vocab_ids):
+    """The target's last hidden states and its next-token distribution restricted (and renormalised) to the draft
+    vocabulary, plus whether its argmax lies in that vocabulary."""
+    o = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    p = torch.softmax(o.logits.float(), dim=-1)
+    top = p.argmax(-1)
+    if vocab_ids is not None:
+        p = p[..., vocab_ids]
+    return o.hidden_states[-1].float(), p / p.sum(-1, keepdim=True).clamp_min(1e-8), top
+
+
+def _sequence_loss(head, embed, lm_head_t, vocab_map, hidden, ids, answer, p, top, unroll, weights):
+    """Unrolled soft cross-entropy at answer positions; step j predicts token t+j+1 from the state fed back j-1
+    times and the true token t+j (as drafting does once the earlier drafts were accepted)."""
+    n = ids.shape[1] - unroll
+    s = hidden[:, :n]
+    losses, matches, masks = [], [], []
+    for j in range(1, unroll + 1):
+        s = head(s, embed(ids[:, j:n + j]))
+        logq = torch.log_softmax(s @ lm_head_t, dim=-1)
+        m = answer[:, j + 1: j + 1 + n]
+        m = torch.nn.functional.pad(m, (0, n - m.shape[1]))
+        ce = -(p[:, j:n + j] * logq).sum(-1)
+        losses.append((ce * m).sum() / m.sum().clamp_min(1))
+        matches.append(vocab_map[top[:, j:n + j]] == logq.argmax(-1))
+        masks.append(m)
+    loss = sum(w * l for w, l in zip(weights, losses)) / sum(weights)
+    return loss, torch.stack(losses), torch.stack(matches), masks[0] & masks[-1]
+
+
+def _acceptance(matches, mask) -> list:
+    """Per-position greedy acceptance (vLLM's definition) over the positions where ``mask`` is set."""
+    chain = matches.cumprod(0)[:, mask].float().mean(1)
+    prev = torch.cat([torch.ones(1, device=chain.device), chain[:-1]])
+    return (chain / prev.clamp_min(1e-8)).tolist()
+
+
+def train_on_sequences(target, sequences, out_dir, *, heads=((2, None),), draft_vocab_size: int | None = 8192,
+                       unroll: int = 4, steps: int = 2000, batch_size: int = 16, lr: float = 2e-3,
+                       val_size: int = 64, log_every: int = 100, checkpoint_every: int = 200,
+                       time_budget: float | None = None, restart: bool = False, seed: int = 0, progress: bool = True,
+                       log=print) -> list:
+    """Train one or more MTP heads on ``sequences`` (``(ids, answer_start)`` pairs, e.g. from
+    :func:`mtplab.datagen.load_sequences`), computing the target's hidden states and distributions on the fly.
+
+    ``heads``: ``(num_layers, intermediate_size)`` per head; all see the same batches (one target pass). Each is
+    saved to ``out_dir/head{i}`` (safetensors + JSON); ``out_dir/checkpoint.pt`` makes a re-run resume.
+    ``time_budget`` (seconds): shorten the run to fit, measured over the first steps (the schedule adapts).
+    ``restart``: continue from the checkpoint's weights and optimizer with a fresh schedule (warm-up, cosine) from
+    step 0 — a warm restart, as used for the shipped drafter. Returns the drafters.
+    """
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    model = target.model
+    device = model.device
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(sequences), generator=gen).tolist()
+    val_size = max(1, min(val_size, len(sequences) // 10))
+    val = [sequences[i] for i in order[:val_size]]
+    train = [sequences[i] for i in order[val_size:]]
+    vocab_ids = draft_vocabulary(train, draft_vocab_size)
+    hidden_size = model.get_input_embeddings().weight.shape[1]
+    torch.manual_seed(seed)
+    nets = [MTPHead(hidden_size, layers, inner).to(device) for layers, inner in heads]
+    opts = [torch.optim.AdamW(h.parameters(), lr=lr, weight_decay=0.0) for h in nets]
+    start, history, total = 0, [], steps
+    ckpt = out_dir / "checkpoint.pt"
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False, map_location=device)
+        for h, o, hs, os_ in zip(nets, opts, state["heads"], state["opts"]):
+            h.load_state_dict(hs)
+            o.load_state_dict(os_)
+        vocab_ids, start, history = state["vocab_ids"], state["step"], state["history"]
+        # same arguments: the same (possibly time-fitted) schedule; a new ``steps``: run to that many steps
+        total = state["total"] if steps == state.get("steps_arg", steps) else max(steps, start)
+        if restart:
+            start, total = 0, steps
+        log(f"{'restarting' if restart else 'resuming'} from step {start} of {total}")
+    schedule = lambda i: min(1.0, (i + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(i, total) / total))
+
+    embed = model.get_input_embeddings()
+    head_w = model.get_output_embeddings().weight.detach().float()
+    lm_head_t = (head_w if vocab_ids is None else head_w[vocab_ids.to(device)]).t().contiguous()
+    vocab_map = torch.full((target.vocab_size,), -1, dtype=torch.long, device=device)
+    vocab_map[torch.arange(target.vocab_size, device=device) if vocab_ids is None else vocab_ids.to(device)] = \
+        torch.arange(lm_head_t.shape[1], device=device)
+    v_ids = None if vocab_ids is None else vocab_ids.to(device)
+    pad = min(target.eos_token_ids) if target.eos_token_ids else 0
+    weights = [0.8 ** j for j in range(unroll)]
+    embed_f = lambda x: embed(x).float()
+
+    def validate():
+        for h in nets:
+            h.eval()
+        accs, losses = [[] for _ in nets], [[] for _ in nets]
+        with torch.no_grad():
+            for i in range(0, len(val), batch_size):
+                ids, mask, answer = _pad_batch(val[i:i + batch_size], pad, device)
+                hidden, p, top = _teacher(model, ids, mask, v_ids)
+                for k, h in enumerate(nets):
+                    loss, _, matches, m = _sequence_loss(h, embed_f, lm_head_t, vocab_map, hidden, ids, answer, p,
+                                                         top, unroll, weights)
+                    accs[k].append((matches, m))
+                    losses[k].append(loss.item())
+        for h in nets:
+            h.train()
+        out = []
+        for k in range(len(nets)):
+            matches = torch.cat([m.flatten(1) for m, _ in accs[k]], 1)
+            mask = torch.cat([m.flatten() for _, m in accs[k]])
+            out.append((sum(losses[k]) / len(losses[k]), _acceptance(matches, mask)))
+        return out
+
+    def export():
+        drafters = []
+        for k, h in enumerate(nets):
+            d = MTPDrafter(h, vocab_ids)
+            d.history = [r for r in history if r["head"] == k]
+            d.save(out_dir / f"head{k}", dtype=torch.float16, target=target.name, unroll=unroll, steps=step,
+                   sequences=len(train), history=d.history)
+            drafters.append(d)
+        return drafters
+
+    def save_checkpoint(done):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(dict(heads=[h.state_dict() for h in nets], opts=[o.state_dict() for o in opts],
+                        vocab_ids=vocab_ids, step=done, history=history, total=total, steps_arg=steps), ckpt)
+        export()  # the heads so far, usable even if the run is cut off
+        for h in nets:
+            h.train()
+
+    t0 = time.perf_counter()
+    bar = tqdm(range(start, total), desc="training MTP head", unit="step", disable=not progress, initial=start,
+               total=total)
+    step = start
+    while step < total:
+        idx = torch.randint(len(train), (batch_size,), generator=gen).tolist()
+        ids, mask, answer = _pad_batch([train[i] for i in idx], pad, device)
+        hidden, p, top = _teacher(model, ids, mask, v_ids)
+        for h, o in zip(nets, opts):
+            for g in o.param_groups:
+                g["lr"] = lr * schedule(step)
+            loss, _, _, _ = _sequence_loss(h, embed_f, lm_head_t, vocab_map, hidden, ids, answer, p, top, unroll,
+                                           weights)
+            o.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(h.parameters(), 1.0)
+            o.step()
+        step += 1
+        bar.update()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if time_budget is not None and step == start + 20:  # fit the schedule into the time left
+            per_step = (time.perf_counter() - t0) / 20
+            fits = start + 20 + int((time_budget - (time.perf_counter() - t0)) / (per_step * 1.08))
+            if fits < total:
+                total = max(step + 1, fits)
+                bar.total = total
+                log(f"{per_step:.2f} s/step: {total} steps fit in the time budget")
+        if step % log_every == 0 or step == total:
+            for k, (val_loss, acc) in enumerate(validate()):
+                history.append(dict(step=step, head=k, val_loss=val_loss, acceptance=acc,
+                                    seconds=time.perf_counter() - t0))
+                log(f"step {step} head {k} {heads[k]}: val {val_loss:.3f} per-position greedy acceptance "
+                    + " ".join(f"{a:.2f}" for a in acc))
+        if step % checkpoint_every == 0 or step == total:
+            save_checkpoint(step)
+    for h in nets:
+        h.eval()
+    return export()

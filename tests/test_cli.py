@@ -15,8 +15,8 @@ def no_color(monkeypatch):
 @pytest.mark.slow
 def test_run_marks_accepted_tokens_on_a_repetition_prompt(no_color, capsys, tmp_path):
     path = tmp_path / "trace.json"
-    code = main(["run", "Repeat after me: the cat sat on the mat.", "-k", "4", "--max-new-tokens", "16",
-                 "--json", str(path)])
+    code = main(["run", "Repeat after me: the cat sat on the mat.", "--drafter", "prompt-lookup", "-k", "4",
+                 "--max-new-tokens", "16", "--json", str(path)])
     out = capsys.readouterr().out
     assert code == 0
     assert out.startswith("legend: [+accepted] [-rejected] [!correction] [*bonus] plain")

@@ -132,3 +132,95 @@ def test_bad_checkpoints_are_refused(trained, tmp_path):
 def test_acceptance_by_position_is_conditional():
     m = torch.tensor([[1, 1, 0, 1], [1, 0, 0, 1]]).bool()  # [unroll=2, 4 positions]
     assert acceptance_by_position(m) == pytest.approx([0.75, 2 / 3])  # 2 of the 3 rounds that reached position 1
+
+
+# --- context copying (the shipped drafter's context_ngram) ------------------------------------------------------
+
+@pytest.mark.parametrize("gamma", [1, 3, 7])
+@pytest.mark.parametrize("ngram", [1, 2, 3])
+def test_greedy_mtp_with_context_copy_equals_plain(gamma, ngram):
+    target = tiny()
+    want = SpeculativeDecoder(target, None).generate(PROMPT, 40).token_ids
+    drafter = random_mtp(target)
+    drafter.context_ngram = ngram
+    trace = SpeculativeDecoder(target, drafter, num_draft_tokens=gamma).generate(PROMPT, 40)
+    assert trace.token_ids == want
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=str)
+def test_exact_distribution_mtp_with_context_copy(cfg):
+    """Copied tokens are deterministic (q one-hot), the others sampled from the head: verification stays exact.
+    CTX = [1, 2, 3, 1, 2] ends in the 2-gram [1, 2] seen before, so position 1 copies 3; position 2 copies only
+    after x1 = 3 (the 2-gram [2, 3]) and otherwise samples from the head."""
+    from mtplab.drafters.prompt_lookup import lookup
+    from mtplab.sampling import one_hot
+
+    target = tiny(vocab_size=V)
+    drafter = random_mtp(target, vocab_ids=[0, 1, 2, 3, 5])
+    drafter.context_ngram = 2
+    q_first_head, q_next_head = mtp_q(target, drafter, cfg)
+
+    def copied(ids, q):
+        c = lookup(ids, 1, 3, 2)
+        return one_hot(c[0], q) if c else q
+
+    q_first = lambda ctx: copied(ctx, q_first_head(ctx))
+    q_next = lambda ctx, x1: copied(ctx + [x1], q_next_head(ctx, x1))
+    # the drafter's own q rows are the ones the enumeration assumes
+    with torch.inference_mode():
+        h = target.model(torch.tensor([CTX[:-1]]), output_hidden_states=True).hidden_states[-1][0, -1]
+        for seed in range(8):
+            d = drafter.propose(CTX, 2, cfg, torch.Generator().manual_seed(seed), h)
+            assert torch.allclose(d.q[0].double(), q_first(CTX), atol=1e-6)
+            assert torch.allclose(d.q[1].double(), q_next(CTX, d.tokens[0]), atol=1e-6)
+    assert d.tokens[0] == 3
+    assert torch.allclose(two_token_dist(target, q_first, CTX, cfg, q_next), target_joint(target, CTX, cfg), atol=1e-9)
+
+
+def test_context_ngram_is_checked():
+    head = MTPHead(32, 1)
+    for bad in (0, 4, 2.0, True):
+        with pytest.raises(ValueError, match=r"context_ngram must be None or an integer in \[1, 3\]"):
+            MTPDrafter(head, context_ngram=bad)
+
+
+# --- training from token sequences (train_on_sequences, the shipped drafter's trainer) ---------------------------
+
+@pytest.fixture(scope="module")
+def trained_seq(tmp_path_factory):
+    from mtplab.train import train_on_sequences
+
+    target = tiny(vocab_size=64, seed=0)
+    gen = SpeculativeDecoder(target, None, temperature=1.0)
+    seqs = [(PROMPT[:3] + gen.generate(PROMPT[:3], 45, seed=s).token_ids, 3) for s in range(30)]
+    out = tmp_path_factory.mktemp("mtpseq")
+    drafters = train_on_sequences(target, seqs, out, heads=((1, 64), (2, None)), draft_vocab_size=48, steps=120,
+                                  batch_size=8, lr=3e-3, val_size=6, log_every=40, checkpoint_every=40,
+                                  progress=False, log=lambda *_: None)
+    return target, seqs, out, drafters
+
+
+def test_train_on_sequences_lowers_the_loss(trained_seq):
+    target, _, out, drafters = trained_seq
+    assert len(drafters) == 2
+    for d in drafters:
+        first, last = d.history[0], d.history[-1]
+        assert last["val_loss"] < first["val_loss"], (first, last)
+        assert len(last["acceptance"]) == 4 and 0 <= min(last["acceptance"]) <= max(last["acceptance"]) <= 1
+    assert len(drafters[0].vocab_ids) == 48
+
+
+def test_train_on_sequences_saves_and_resumes(trained_seq):
+    from mtplab.train import train_on_sequences
+
+    target, seqs, out, drafters = trained_seq
+    back = MTPDrafter.load(out / "head1")
+    assert back.head.config["num_layers"] == 2 and back.meta["steps"] == 120
+    a = SpeculativeDecoder(target, drafters[1], num_draft_tokens=3).generate(PROMPT, 20)
+    b = SpeculativeDecoder(target, back, num_draft_tokens=3).generate(PROMPT, 20)
+    # saved in float16: the drafts may differ in the last bits, the output never does (greedy = plain)
+    assert a.token_ids == b.token_ids
+    lines = []
+    train_on_sequences(target, seqs, out, heads=((1, 64), (2, None)), draft_vocab_size=48, steps=130, batch_size=8,
+                       val_size=6, log_every=10, progress=False, log=lines.append)
+    assert lines[0] == "resuming from step 120 of 130" and any(line.startswith("step 130 head 1") for line in lines)

@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..sampling import choose, probs
+from ..sampling import choose, one_hot, probs
 from .base import Draft, Drafter
+from .prompt_lookup import lookup
 
 CONFIG_NAME = "mtp_config.json"
 WEIGHTS_NAME = "mtp_head.safetensors"
@@ -84,7 +85,12 @@ class MTPDrafter(Drafter):
 
     uses_target_hidden = True
 
-    def __init__(self, head: MTPHead, vocab_ids: torch.Tensor | None = None, name: str = "mtp"):
+    def __init__(self, head: MTPHead, vocab_ids: torch.Tensor | None = None, name: str = "mtp",
+                 context_ngram: int | None = None):
+        if context_ngram is not None and (isinstance(context_ngram, bool) or not isinstance(context_ngram, int)
+                                          or not 1 <= context_ngram <= 3):
+            raise ValueError(f"context_ngram must be None or an integer in [1, 3], got {context_ngram!r}")
+        self.context_ngram = context_ngram
         self.head = head.eval()
         self.vocab_ids = None if vocab_ids is None else torch.as_tensor(vocab_ids, dtype=torch.long)
         self.name = name
@@ -119,24 +125,32 @@ class MTPDrafter(Drafter):
         if target_hidden is None:
             raise ValueError("MTPDrafter needs the target's last hidden state (the decoder passes it)")
         h, token = target_hidden, ids[-1]
+        seq = list(ids) if self.context_ngram else None
         tokens, qs = [], []
         for _ in range(k):
             h = self.head(h, self.embed(torch.tensor(token, device=h.device)))
             logits = self.logits(h)
             q = probs(logits, cfg)
-            token = choose(logits, q, cfg, generator)
+            copied = lookup(seq, 1, 3, self.context_ngram) if self.context_ngram else []
+            if copied:  # the context continues this n-gram: propose that token (deterministic, q one-hot)
+                token, q = copied[0], one_hot(copied[0], q)
+            else:
+                token = choose(logits, q, cfg, generator)
             tokens.append(token)
             qs.append(q)
+            if seq is not None:
+                seq.append(token)
         return Draft(tokens, torch.stack(qs) if qs else None, start_position=len(ids) - 2)
 
     # --- saving and loading ---------------------------------------------------------------------------------
-    def save(self, path, **meta) -> Path:
-        """Write ``mtp_head.safetensors`` + ``mtp_config.json`` into the folder ``path``."""
+    def save(self, path, dtype: torch.dtype | None = None, **meta) -> Path:
+        """Write ``mtp_head.safetensors`` + ``mtp_config.json`` into the folder ``path`` (weights in ``dtype`` if
+        given, e.g. ``torch.float16`` to halve the file; loading casts them to the target's dtype)."""
         from safetensors.torch import save_file
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
+        tensors = {k: v.detach().to(dtype or v.dtype).cpu().contiguous() for k, v in self.head.state_dict().items()}
         if self.vocab_ids is not None:
             tensors["vocab_ids"] = self.vocab_ids.cpu()
         save_file(tensors, path / WEIGHTS_NAME)
@@ -160,6 +174,40 @@ class MTPDrafter(Drafter):
             head.load_state_dict(tensors)
         except RuntimeError as e:
             raise ValueError(f"the weights in {path} do not fit the head its config describes: {e}") from None
-        drafter = cls(head, vocab_ids, name=config.get("name", "mtp"))
+        drafter = cls(head, vocab_ids, name=config.get("name", "mtp"), context_ngram=config.get("context_ngram"))
         drafter.meta = config
         return drafter
+
+
+SHIPPED = {"SmolLM2-135M-Instruct": "mtp-smollm2-135m"}  # target name -> folder in mtplab/data
+
+
+def shipped_path(target_name: str = "SmolLM2-135M-Instruct") -> Path:
+    """The folder of the MTP drafter shipped in the package for ``target_name``."""
+    from importlib import resources
+
+    if target_name not in SHIPPED:
+        raise ValueError(f"mtplab ships an MTP drafter only for {sorted(SHIPPED)}, not for {target_name!r}: train "
+                         "one with `mtplab train-drafter` or mtplab.train.train_on_sequences")
+    return Path(str(resources.files("mtplab").joinpath("data", SHIPPED[target_name])))
+
+
+def load_drafter(name_or_path="mtp", target=None, context_ngram="saved") -> MTPDrafter:
+    """An MTP drafter: ``"mtp"`` is the one shipped for the bundled target (or for ``target``, if mtplab ships one
+    for it); any other value is a folder written by :meth:`MTPDrafter.save` / :func:`mtplab.train.train_on_sequences`.
+
+    ``context_ngram``: ``"saved"`` keeps the saved setting (the shipped drafter copies a token from the context when
+    the last 3 tokens occurred there before); ``None`` drafts with the head alone; 1-3 sets the n-gram size.
+    """
+    if name_or_path == "mtp":
+        path = shipped_path("SmolLM2-135M-Instruct" if target is None else target.name)
+    else:
+        path = Path(name_or_path)
+    drafter = MTPDrafter.load(path)
+    if context_ngram != "saved":
+        name = "mtp-head" if context_ngram is None and drafter.name == "mtp" else drafter.name
+        meta, drafter = drafter.meta, MTPDrafter(drafter.head, drafter.vocab_ids, name, context_ngram)
+        drafter.meta = meta
+    if target is not None:
+        drafter.bind(target)
+    return drafter

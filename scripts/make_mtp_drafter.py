@@ -1,0 +1,78 @@
+"""Make the shipped MTP drafter for the bundled target, end to end: data from the target itself, then training.
+
+    python scripts/make_mtp_drafter.py OUT [--device cuda] [--gen-minutes 8] [--train-minutes 10]
+
+1. stage-A prompts (mtplab.datagen.make_prompts) -> the target's greedy answers          OUT/a_greedy/
+2. stage-B prompts about those answers and about standard-library docs -> greedy answers   OUT/b_greedy/
+3. the stage-A prompts again, sampled at T=0.7                                             OUT/a_t07/
+4. MTP heads trained on all of it (mtplab.train.train_on_sequences)                        OUT/train/head*/
+5. the data packed as uint16 token arrays (OUT/data_*.npy) so training can be redone without generation.
+
+Every stage writes shards/checkpoints and skips what exists, so re-running the same command resumes. The time
+limits stop generation cleanly at a batch boundary and fit the training schedule. It runs on a CPU too, only far
+slower. The shipped drafter (mtplab/data/mtp-smollm2-135m = OUT/train/head2) came from these three runs on one
+H100 (generation 371 s, then training 432 s + 368 s + 220 s):
+
+    A="--device cuda --gen-minutes 7 --batch-size 768 --heads 1x1536,2x1536,3x1280 --train-batch 48"
+    python scripts/make_mtp_drafter.py OUT $A --train-minutes 8
+    python scripts/make_mtp_drafter.py OUT $A --train-minutes 7 --restart
+    python scripts/make_mtp_drafter.py OUT $A --train-minutes 4.2 --restart --lr 6e-4
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import mtplab
+from mtplab import datagen
+from mtplab.train import train_on_sequences
+
+ap = argparse.ArgumentParser()
+ap.add_argument("out")
+ap.add_argument("--device", default="cpu")
+ap.add_argument("--gen-minutes", type=float, default=8.0, help="time for all generation stages together")
+ap.add_argument("--train-minutes", type=float, default=10.0)
+ap.add_argument("--batch-size", type=int, default=512, help="sequences decoded at once")
+ap.add_argument("--max-new-tokens", type=int, default=256)
+ap.add_argument("--limit", type=int, default=None, help="use only the first N stage-A prompts (smoke tests)")
+ap.add_argument("--heads", default="2x1536", help="heads to train side by side: LAYERSxINTERMEDIATE,...")
+ap.add_argument("--train-batch", type=int, default=32)
+ap.add_argument("--steps", type=int, default=20000)
+ap.add_argument("--draft-vocab", type=int, default=8192)
+ap.add_argument("--lr", type=float, default=2e-3)
+ap.add_argument("--restart", action="store_true", help="continue training from OUT/train with a fresh schedule")
+args = ap.parse_args()
+
+out = Path(args.out)
+out.mkdir(parents=True, exist_ok=True)
+t_start = time.time()
+log_file = open(out / "log.txt", "a")
+
+
+def log(msg):
+    line = f"[{time.strftime('%H:%M:%S')} +{time.time() - t_start:.0f}s] {msg}"
+    print(line, flush=True)
+    log_file.write(line + "\n")
+    log_file.flush()
+
+
+target = mtplab.load_target(device=args.device, dtype=torch.float32)
+log(f"target {target} on {args.device}")
+sequences = datagen.build_answer_corpus(target, out, minutes=args.gen_minutes, batch_size=args.batch_size,
+                                        max_new_tokens=args.max_new_tokens, limit=args.limit, log=log)
+for name in ("a_greedy", "b_greedy", "a_t07"):  # the token data as plain arrays, to re-train without generating
+    seqs = datagen.load_sequences(out / name)
+    if seqs:
+        np.save(out / f"data_{name}_tokens.npy", np.array([t for ids, _ in seqs for t in ids], dtype=np.uint16))
+        np.save(out / f"data_{name}_index.npy", np.array([(len(ids), s) for ids, s in seqs], dtype=np.int32))
+
+if args.device.startswith("cuda"):
+    torch.backends.cuda.matmul.allow_tf32 = True  # the teacher's features: TF32 is plenty, 3-4x faster than fp32
+heads = [tuple(int(x) for x in h.split("x")) for h in args.heads.split(",")]
+train_on_sequences(target, sequences, out / "train", heads=heads, draft_vocab_size=args.draft_vocab,
+                   steps=args.steps, batch_size=args.train_batch, lr=args.lr, time_budget=60 * args.train_minutes, restart=args.restart,
+                   log_every=200, checkpoint_every=200, log=log, progress=False)
+log("done")

@@ -1,0 +1,117 @@
+"""Training data for MTP drafters (mtplab.datagen) and the shipped MTP drafter of the bundled target."""
+import json
+
+import pytest
+import torch
+
+import mtplab
+from mtplab import SpeculativeDecoder, datagen
+from mtplab.bench import load_prompts
+from mtplab.drafters.mtp import WEIGHTS_NAME, shipped_path
+
+from conftest import tiny
+
+
+def test_prompts_are_deterministic_varied_and_never_the_held_out_ones():
+    a, b = datagen.make_prompts(seed=0), datagen.make_prompts(seed=0)
+    assert a == b and len(a) > 4000 and len(set(a)) == len(a)
+    assert datagen.make_prompts(seed=1) != a  # another shuffle (and other random pairings)
+    starts = {p.split()[0] for p in a}
+    assert {"Explain", "Write", "Summarize", "Turn", "Compare"} <= starts
+    held_out = [p["prompt"] for p in load_prompts()]
+    assert not set(held_out) & set(a)
+    low = " ".join(a).lower()
+    assert "tide" not in low and "lighthouse keeper" not in low and "vowel" not in low
+
+
+def test_followup_prompts_wrap_code_emails_and_texts():
+    long = "word " * 60
+    pairs = [("Write a Python function that adds numbers.", "Here:\n```python\ndef add(a, b):\n    return a + b\n```\n" + long),
+             ("Write a short, friendly email to a colleague about tea.", "Hi Ann,\n\n" + long),
+             ("Write a short paragraph about rivers.", "Rivers flow. " + long),
+             ("Too short", "no")]
+    out = datagen.make_followup_prompts(pairs, ["Some documentation. " * 12], seed=0)
+    assert len(out) == 4  # the too-short answer is dropped
+    assert sum("```python\ndef add" in p for p in out) == 1
+    assert sum(p.startswith(("Rewrite this email", "Make this email")) for p in out) == 1
+    assert sum("documentation" in p.split("\n")[0].lower() for p in out) == 1
+
+
+@pytest.mark.slow
+def test_generate_answers_writes_resumable_shards_that_match_plain_decoding(bundled, tmp_path):
+    prompts = ["Name a color.", "What is two plus two?", "Say hello in French."]
+    datagen.generate_answers(bundled, prompts, tmp_path, batch_size=2, max_new_tokens=8, progress=False)
+    shards = sorted(tmp_path.glob("shard_*.pt"))
+    assert [s.name for s in shards] == ["shard_00000.pt", "shard_00001.pt"]
+    stamp = [s.stat().st_mtime_ns for s in shards]
+    datagen.generate_answers(bundled, prompts, tmp_path, batch_size=2, max_new_tokens=8, progress=False)
+    assert [s.stat().st_mtime_ns for s in shards] == stamp  # a re-run resumes: nothing is redone
+    seqs = datagen.load_sequences(tmp_path)
+    assert len(seqs) == 3
+    plain = SpeculativeDecoder(bundled, None)
+    for ids, start in seqs:
+        prompt = datagen.decoded_pairs(bundled, [(ids, start)])[0][0]
+        assert prompt in prompts
+        assert ids[:start] == bundled.encode(prompt)
+        want = plain.generate(prompt, 8).token_ids
+        assert ids[start:] == want[: len(ids) - start]  # batched, left-padded greedy = mtplab's plain greedy
+
+
+# --- the shipped drafter ----------------------------------------------------------------------------------------
+
+def test_shipped_drafter_is_small_and_documented():
+    path = shipped_path()
+    size = (path / WEIGHTS_NAME).stat().st_size
+    assert size <= 25 * 2 ** 20, size
+    meta = json.loads((path / "mtp_config.json").read_text())
+    assert meta["target"] == "SmolLM2-135M-Instruct" and meta["context_ngram"] == 3
+    curve = [h["acceptance"][0] for h in meta["history"]]
+    assert curve[-1] > curve[0] + 0.1  # validation acceptance rose during training
+    with pytest.raises(ValueError, match="ships an MTP drafter only for"):
+        mtplab.load_drafter("mtp", tiny())
+
+
+@pytest.mark.slow
+def test_shipped_drafter_is_exact_and_accepts_on_held_out_prompts(bundled):
+    plain = SpeculativeDecoder(bundled, None)
+    drafter = mtplab.load_drafter("mtp", bundled)
+    head_only = mtplab.load_drafter("mtp", bundled, context_ngram=None)
+    prompts = [p["prompt"] for p in load_prompts()[:2]] + ["Repeat after me: the quick brown fox jumps over the lazy dog."]
+    want = [plain.generate(p, 40).token_ids for p in prompts]
+    lengths = {}
+    for d in (drafter, head_only):
+        dec = SpeculativeDecoder(bundled, d, num_draft_tokens=4)
+        runs = []
+        for p, w in zip(prompts, want):
+            t = dec.generate(p, 40)
+            assert t.token_ids == w
+            assert all(r.draft_start_position == r.context_len - 2 for r in t.rounds if r.num_drafted)
+            runs.append(t.metrics.mean_acceptance_length)
+        lengths[d.name] = runs
+    # a trained head: well above the 1.0 of a useless drafter on prompts it never saw
+    assert sum(lengths["mtp-head"][:2]) / 2 > 1.3, lengths
+    # copying from the context pays off where the answer repeats the prompt
+    assert lengths["mtp"][2] > lengths["mtp-head"][2], lengths
+
+
+@pytest.mark.slow
+def test_shipped_drafter_samples_from_the_target(bundled):
+    """At T=0.7 the first emitted token follows the target's distribution (chi-square over seeds)."""
+    from scipy.stats import chisquare
+
+    from mtplab.sampling import SamplingConfig, probs
+
+    prompt = "Write one word that describes the sea."
+    ids = bundled.encode(prompt)
+    with torch.inference_mode():
+        p = probs(bundled.model(torch.tensor([ids])).logits[0, -1], SamplingConfig(0.7)).double()
+    dec = SpeculativeDecoder(bundled, mtplab.load_drafter("mtp", bundled), num_draft_tokens=3, temperature=0.7,
+                             record=False)
+    n, counts = 160, {}
+    for seed in range(n):  # 4 new tokens: the first round drafts 3 (a 1-token budget would draft none)
+        y = dec.generate(prompt, 4, seed=seed).token_ids[0]
+        counts[y] = counts.get(y, 0) + 1
+    top = torch.topk(p, 4).indices.tolist()
+    obs = [counts.get(t, 0) for t in top] + [n - sum(counts.get(t, 0) for t in top)]
+    exp = [float(p[t]) * n for t in top] + [n * (1 - float(p[top].sum()))]
+    assert chisquare(obs, exp).pvalue > 1e-3, (obs, exp)
