@@ -14,7 +14,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import ipywidgets as W
 
 from ..decoder import SpeculativeDecoder
-from ..drafters import DraftModelDrafter, LayerSkipDrafter, PromptLookupDrafter
+from ..drafters import DraftModelDrafter, LayerSkipDrafter, PromptLookupDrafter, load_drafter
+from ..drafters.mtp import SHIPPED
 from ..models import Target, load_target, truncated_copy
 from ..trace import speedup
 from .dashboard import GAMMAS, SpeedupDashboard
@@ -24,6 +25,7 @@ from .token_view import TokenView
 REFRESH_SECONDS = 0.3  # the browser draws on the same CPU the decoder runs on: redraw sparingly
 DEFAULT_PROMPT = ("Rewrite this sentence in the past tense: The committee meets on Tuesday and the committee votes "
                   "on the new budget.")
+MTP_LABEL = "MTP (trained for this target)"
 LIVE = ("num_draft_tokens", "schedule", "temperature", "top_k", "top_p")
 
 
@@ -31,7 +33,12 @@ def offline_drafters(target: Target) -> dict:
     """Label -> factory for the drafters that need no download (built on first use)."""
     n = len(target.model.get_decoder().layers)
     exit_layer, draft_layers = max(1, n // 3), max(1, n // 4)
+    shipped = {}
+    if target.name in SHIPPED:  # mtplab ships a trained MTP drafter for the bundled target
+        shipped = {MTP_LABEL: lambda: load_drafter("mtp", target),
+                   "MTP head alone (no context copy)": lambda: load_drafter("mtp", target, context_ngram=None)}
     return {
+        **shipped,
         "prompt lookup": PromptLookupDrafter,
         f"layer-skip (exit after layer {exit_layer})": lambda: LayerSkipDrafter(target, exit_layer=exit_layer),
         f"draft model (first {draft_layers} layers)": lambda: DraftModelDrafter(
@@ -41,12 +48,16 @@ def offline_drafters(target: Target) -> dict:
 
 
 class Playground(W.VBox):
-    def __init__(self, target: Target | None = None, drafter: str = "prompt lookup", prompt: str = DEFAULT_PROMPT,
+    def __init__(self, target: Target | None = None, drafter: str | None = None, prompt: str = DEFAULT_PROMPT,
                  num_draft_tokens: int = 4, temperature: float = 0.0, max_new_tokens: int = 64, seed: int = 0):
         self.target = target if target is not None else load_target()
         self._factories = offline_drafters(self.target)
         self._drafters = {}
         self.prompt = W.Textarea(prompt, layout=W.Layout(width="100%", height="60px"))
+        if drafter is None:  # the shipped MTP drafter where there is one, else prompt lookup
+            drafter = MTP_LABEL if MTP_LABEL in self._factories else "prompt lookup"
+        if drafter not in self._factories:
+            raise ValueError(f"drafter must be one of {list(self._factories)}, got {drafter!r}")
         self.drafter = W.Dropdown(options=list(self._factories), value=drafter, description="drafter")
         self.num_draft_tokens = W.IntSlider(num_draft_tokens, min=1, max=16, description="draft length γ",
                                             continuous_update=False, style={"description_width": "initial"})
