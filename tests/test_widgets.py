@@ -1,8 +1,11 @@
 """Widget logic in plain pytest: traits follow the rounds, Stop cancels, bad values show inline and keep the trace."""
+import html
+
 import pytest
 
 import mtplab
-from mtplab.widgets.inspector import bars, describe
+from mtplab.widgets.inspector import RoundInspector, bars, describe
+from mtplab.widgets.playground import MTP_LABEL
 
 pytestmark = pytest.mark.slow
 
@@ -36,6 +39,13 @@ def test_clicking_a_token_updates_the_inspector(pg):
     assert repr(rnd.draft_text[rnd.num_accepted]) in labels
     assert len(pg.inspector.fig.data[1].y) == len(labels)  # q bars next to p bars
     assert f"{rnd.target_cache_before} → {rnd.target_cache_len}" in pg.inspector.costs.value
+    # the default drafter is the shipped MTP drafter: the inspector names the seeding hidden state and draws the curve
+    assert pg.drafter.value == MTP_LABEL and rnd.draft_start_position == rnd.context_len - 2
+    seq = pg.trace.prompt_ids + pg.trace.token_ids
+    token = html.escape(repr(pg.target.token_text(seq[rnd.draft_start_position])))
+    assert f"hidden state at position {rnd.draft_start_position} (<code>{token}</code>)" in pg.inspector.mtp_note.value
+    assert pg.inspector.mtp_view.layout.display != "none"
+    assert list(pg.inspector.curve.data[0].y) == pg.trace.metrics.per_position_acceptance
 
 
 def test_bad_value_shows_inline_error_and_keeps_previous_trace(pg):
@@ -84,6 +94,40 @@ def test_inspector_text_for_bonus_and_plain_rounds(bundled):
     assert "bonus" in describe(bonus, bonus.num_drafted)
     labels, p, q, res = bars(bonus, bonus.num_drafted)
     assert labels and q is None and res is None and p == sorted(p, reverse=True)
+
+
+def test_inspector_mtp_view_only_for_mtp_rounds(bundled):
+    prompt = "List three uses of a paper clip."
+    trace = mtplab.SpeculativeDecoder(bundled, mtplab.load_drafter("mtp", bundled), num_draft_tokens=4).generate(
+        prompt, max_new_tokens=24)
+    seq = trace.prompt_ids + trace.token_ids
+    ins = RoundInspector()
+    first, later = trace.rounds[0], [r for r in trace.rounds[1:] if r.draft_start_position is not None][-1]
+    assert first.draft_start_position == len(trace.prompt_ids) - 2  # seeded by the prefill's hidden state
+    assert later.draft_start_position >= len(trace.prompt_ids)
+    for rnd in (first, later):  # a start in the prompt (token decoded from its id), then one in the answer
+        ins.show(rnd, 0, trace, bundled.token_text)
+        start = rnd.draft_start_position
+        note = ins.mtp_note.value
+        assert f"hidden state at position {start} (<code>{html.escape(repr(bundled.token_text(seq[start])))}</code>)" in note
+        assert f"newest token (<code>{html.escape(repr(bundled.token_text(seq[start + 1])))}</code>)" in note
+        assert ins.mtp_view.layout.display != "none"
+    curve = ins.curve.data[0]
+    assert list(curve.x) == [0, 1, 2, 3] and list(curve.y) == trace.metrics.per_position_acceptance
+    n = sum(r.draft_start_position is not None for r in trace.rounds)
+    assert "so far" in ins.curve.layout.title.text and f"({n} rounds)" in ins.curve.layout.title.text
+    assert "drafted from target position" in ins.costs.value
+
+    lookup = mtplab.SpeculativeDecoder(bundled, mtplab.PromptLookupDrafter(), num_draft_tokens=4).generate(
+        "Repeat exactly: one two three four five six.", max_new_tokens=16)
+    rnd = next(r for r in lookup.rounds if r.num_drafted)
+    ins.show(rnd, 0, lookup, bundled.token_text)
+    assert rnd.draft_start_position is None and "Round" in ins.title.value
+    assert ins.mtp_note.value == "" and ins.mtp_view.layout.display == "none" and list(ins.curve.data[0].y) == []
+    ins.show(later, 0, trace)  # without a decoder for prompt ids: answer tokens still come from the rounds' texts
+    assert f"position {later.draft_start_position} (<code>" in ins.mtp_note.value
+    ins.clear()
+    assert ins.mtp_view.layout.display == "none" and ins.mtp_note.value == ""
 
 
 def test_theory_simulator_updates_instantly():

@@ -1,4 +1,9 @@
-"""Round inspector: for one round and position, the target's p against the drafter's q, the decision and costs."""
+"""Round inspector: for one round and position, the target's p against the drafter's q, the decision and costs.
+
+For rounds drafted by an MTP drafter (``round.draft_start_position`` is set) it adds an MTP view: which target
+position's hidden state seeded the draft, and the run's acceptance by draft position so far — how quickly the head's
+guesses fade as it feeds its own state back, step after step.
+"""
 from __future__ import annotations
 
 import html
@@ -43,6 +48,58 @@ def costs(rnd) -> str:
             + ("" if rnd.draft_start_position is None else f" · drafted from target position {rnd.draft_start_position}"))
 
 
+def emitted_texts(trace) -> list:
+    """Texts of the tokens the run emitted so far, in order (``None`` where the round kept no text)."""
+    out = []
+    for r in trace.rounds:
+        texts = list(r.draft_text[: r.num_accepted]) if r.draft_text else [None] * r.num_accepted
+        out += texts + ([r.token_text or None] if r.token_id is not None else [])
+    return out
+
+
+def token_at(trace, position: int, token_text=None) -> str | None:
+    """Text of the token at ``position`` of the run's sequence (prompt, then emitted tokens); ``token_text`` (token
+    id -> text, e.g. ``target.token_text``) decodes prompt tokens, which the trace keeps as ids only."""
+    n = len(trace.prompt_ids)
+    if 0 <= position < n:
+        return None if token_text is None else token_text(trace.prompt_ids[position])
+    texts = emitted_texts(trace)
+    if 0 <= position - n < len(texts):
+        text = texts[position - n]
+        if text is None and token_text is not None:
+            text = token_text(trace.token_ids[position - n])
+        return text
+    return None
+
+
+def mtp_note(rnd, trace=None, token_text=None) -> str:
+    """HTML: which target hidden state seeded an MTP round ("" for other drafters)."""
+    start = rnd.draft_start_position
+    if start is None:
+        return ""
+    esc = html.escape
+    quoted = lambda t: "" if t is None else f" (<code>{esc(repr(t))}</code>)"
+    this = nxt = None
+    if trace is not None:
+        this, nxt = token_at(trace, start, token_text), token_at(trace, start + 1, token_text)
+    k = rnd.num_drafted
+    drafted = ("nothing" if k == 0 else f"position {start + 2}" if k == 1
+               else f"positions {start + 2}–{start + 1 + k}")
+    return (f"<b>MTP draft</b>: drafted from the target's hidden state at position {start}{quoted(this)}. That state, "
+            f"after reading that token, is the one from which the target chose the newest token{quoted(nxt)} "
+            f"(position {start + 1}); the head combined it with that token's embedding and drafted {drafted}, "
+            f"feeding its own output state back at every step.")
+
+
+def acceptance_by_position(rounds) -> tuple:
+    """``(rates, accepted, drafted)`` per draft position over ``rounds`` (position i accepted / rounds that drafted
+    position i, as ``Trace.metrics.per_position_acceptance``)."""
+    longest = max((r.num_drafted for r in rounds), default=0)
+    drafted = [sum(r.num_drafted > i for r in rounds) for i in range(longest)]
+    accepted = [sum(r.num_drafted > i and r.num_accepted > i for r in rounds) for i in range(longest)]
+    return [a / d for a, d in zip(accepted, drafted)], accepted, drafted
+
+
 def bars(rnd, pos: int):
     """``(labels, p, q, residual)`` for the chart at ``pos``; q/residual are None where they do not apply."""
     if pos < rnd.num_drafted and rnd.candidates:
@@ -68,7 +125,9 @@ def bars(rnd, pos: int):
 
 
 class RoundInspector(W.VBox):
-    """``show(round, pos)`` draws the p-vs-q bars, the accept/reject arithmetic and the round's costs."""
+    """``show(round, pos, trace)`` draws the p-vs-q bars, the accept/reject arithmetic and the round's costs; for MTP
+    rounds also the seeding hidden state and the run's acceptance by draft position so far (``trace``: the run
+    the round belongs to; ``token_text``: token id -> text, to name prompt tokens)."""
 
     def __init__(self):
         self.title = W.HTML(EMPTY_NOTE)
@@ -81,11 +140,22 @@ class RoundInspector(W.VBox):
                              legend=dict(orientation="h", y=1.15)),
         )
         self.costs = W.HTML("")
-        super().__init__([self.title, self.fig, self.costs])
+        self.mtp_note = W.HTML("")
+        self.curve = go.FigureWidget(
+            data=[go.Bar(name="acceptance", marker_color=[], x=[], y=[], text=[], textposition="outside",
+                         hovertemplate="position %{x}: %{customdata}<extra></extra>", customdata=[])],
+            layout=go.Layout(height=220, width=480, margin=dict(l=50, r=10, t=30, b=40),
+                             title=dict(text="", font=dict(size=13), x=0.02),
+                             xaxis=dict(title="draft position (0 = first drafted token)", dtick=1),
+                             yaxis=dict(title="accepted", range=[0, 1.15], tickformat=".0%")),
+        )
+        self.mtp_view = W.VBox([self.mtp_note, self.curve], layout=W.Layout(display="none"))
+        self.mtp_view.add_class("mtplab-inspector-mtp")
+        super().__init__([self.title, self.fig, self.costs, self.mtp_view])
         self.add_class("mtplab-inspector")
         self.selection = None
 
-    def show(self, rnd, pos: int) -> None:
+    def show(self, rnd, pos: int, trace=None, token_text=None) -> None:
         self.selection = (rnd.index, pos)
         labels, p, q, residual = bars(rnd, pos)
         with self.fig.batch_update():
@@ -94,6 +164,36 @@ class RoundInspector(W.VBox):
             self.fig.data[2].update(x=labels if residual else [], y=residual or [])
         self.title.value = describe(rnd, pos)
         self.costs.value = f"<small>{costs(rnd)}</small>"
+        self._show_mtp(rnd, pos, trace, token_text)
+
+    def _show_mtp(self, rnd, pos, trace, token_text) -> None:
+        if rnd.draft_start_position is None:
+            self._clear_mtp()
+            return
+        self.mtp_note.value = mtp_note(rnd, trace, token_text) + (
+            "<br><small>Below: how often each draft position was accepted in this run so far (position i accepted / "
+            "rounds that drafted position i); the position you clicked is highlighted. Every step after the first starts "
+            "from the head's own output state instead of the target's.</small>")
+        rounds = list(trace.rounds) if trace is not None else [rnd]
+        rounds = [r for r in rounds if r.draft_start_position is not None] or [rnd]
+        rates, accepted, drafted = acceptance_by_position(rounds)
+        here = pos if pos < rnd.num_drafted else None  # the inspected drafted position, highlighted
+        colors = [("#9AD3BF" if i != here else COLORS["accepted"] if i < rnd.num_accepted else COLORS["rejected"])
+                  for i in range(len(rates))]
+        with self.curve.batch_update():
+            self.curve.data[0].update(x=list(range(len(rates))), y=rates, marker_color=colors,
+                                      text=[f"{r:.0%}" for r in rates],
+                                      customdata=[f"{a} of {d} rounds accepted it" for a, d in zip(accepted, drafted)])
+            self.curve.layout.title.text = (f"this run so far: acceptance by draft position ({len(rounds)} "
+                                            f"round{'s' if len(rounds) != 1 else ''})")
+        self.mtp_view.layout.display = ""
+
+    def _clear_mtp(self) -> None:
+        self.mtp_note.value = ""
+        with self.curve.batch_update():
+            self.curve.data[0].update(x=[], y=[], text=[], customdata=[], marker_color=[])
+            self.curve.layout.title.text = ""
+        self.mtp_view.layout.display = "none"
 
     def clear(self) -> None:
         self.selection = None
@@ -102,3 +202,4 @@ class RoundInspector(W.VBox):
                 trace.update(x=[], y=[])
         self.title.value = EMPTY_NOTE
         self.costs.value = ""
+        self._clear_mtp()

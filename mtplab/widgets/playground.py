@@ -254,7 +254,7 @@ class Playground(W.VBox):
         r = sel.get("round", -1)
         if trace is None or not 0 <= r < len(trace.rounds):
             return
-        self.inspector.show(trace.rounds[r], sel.get("pos", 0))
+        self.inspector.show(trace.rounds[r], sel.get("pos", 0), trace, self.target.token_text)
 
     def sweep(self, gammas=GAMMAS) -> list:
         """Decode the prompt at every γ, each next to a plain run, and plot measured speedups (in the background)."""
