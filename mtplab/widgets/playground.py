@@ -23,8 +23,7 @@ from .inspector import RoundInspector
 from .token_view import TokenView
 
 REFRESH_SECONDS = 0.3  # the browser draws on the same CPU the decoder runs on: redraw sparingly
-DEFAULT_PROMPT = ("Rewrite this sentence in the past tense: The committee meets on Tuesday and the committee votes "
-                  "on the new budget.")
+DEFAULT_PROMPT = "Give three tips for drinking more water every day."  # not a training prompt of the shipped MTP head
 MTP_LABEL = "MTP (trained for this target)"
 LIVE = ("num_draft_tokens", "schedule", "temperature", "top_k", "top_p")
 
