@@ -80,6 +80,7 @@ def _row(engine, method, gamma, temperature, tokens, seconds, plain_tokens, plai
 
 def _mtplab_row(target, drafter, gamma, temperature, prompts, max_new_tokens, seed, record, bar) -> dict:
     from .decoder import SpeculativeDecoder
+    from .trace import per_position_acceptance
 
     spec = SpeculativeDecoder(target, drafter, num_draft_tokens=gamma, temperature=temperature, record=record)
     plain = SpeculativeDecoder(target, None, temperature=temperature, record=record)
@@ -97,18 +98,8 @@ def _mtplab_row(target, drafter, gamma, temperature, prompts, max_new_tokens, se
         acceptance_rate=_sum(s, "accepted") / drafted if drafted else 0.0,
         draft_cost_ratio=(_sum(s, "draft_seconds") / drafted) / plain_step if drafted else None,
         exact=all(a.token_ids == p.token_ids for a, p in pairs) if temperature == 0 else None,
-        per_position_acceptance=per_position(rounds, gamma),
+        per_position_acceptance=per_position_acceptance(rounds)[0],
     )
-
-
-def per_position(rounds, gamma) -> list:
-    """vLLM's per-position acceptance rates: position i accepted / rounds that drafted position i."""
-    out = []
-    for i in range(gamma):
-        drafted = [r for r in rounds if r.num_drafted > i]
-        if drafted:
-            out.append(sum(r.num_accepted > i for r in drafted) / len(drafted))
-    return out
 
 
 def _sum(metrics, field):

@@ -113,11 +113,6 @@ class Trace:
         drafted = sum(r.num_drafted for r in rounds)
         accepted = sum(r.num_accepted for r in rounds)
         new = len(self.token_ids)
-        longest = max((r.num_drafted for r in rounds), default=0)
-        per_pos = []
-        for i in range(longest):
-            tried = [r for r in rounds if r.num_drafted > i]
-            per_pos.append(sum(r.num_accepted > i for r in tried) / len(tried))
         secs = [sum(getattr(r, f) for r in rounds) for f in ("draft_seconds", "verify_seconds", "bookkeeping_seconds")]
         total = self.prefill_seconds + sum(secs)
         return Metrics(
@@ -127,7 +122,7 @@ class Trace:
             accepted=accepted,
             acceptance_rate=accepted / drafted if drafted else 0.0,
             mean_acceptance_length=new / len(rounds) if rounds else 0.0,
-            per_position_acceptance=per_pos,
+            per_position_acceptance=per_position_acceptance(rounds)[0],
             seconds=total,
             draft_seconds=secs[0],
             verify_seconds=secs[1],
@@ -164,6 +159,15 @@ class Trace:
             f"acceptance_rate={m.acceptance_rate:.2f}, mean_acceptance_length={m.mean_acceptance_length:.2f}, "
             f"stop_reason={self.stop_reason!r})"
         )
+
+
+def per_position_acceptance(rounds) -> tuple:
+    """``(rates, accepted, drafted)`` per draft position, as vLLM reports them: position i accepted / rounds that
+    drafted position i (over any rounds, e.g. of several traces)."""
+    longest = max((r.num_drafted for r in rounds), default=0)
+    drafted = [sum(r.num_drafted > i for r in rounds) for i in range(longest)]
+    accepted = [sum(r.num_drafted > i and r.num_accepted > i for r in rounds) for i in range(longest)]
+    return [a / d for a, d in zip(accepted, drafted)], accepted, drafted
 
 
 def cost_model(spec: Trace, plain: Trace) -> dict:

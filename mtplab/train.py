@@ -289,14 +289,7 @@ def _sequence_loss(head, embed, lm_head_t, vocab_map, hidden, ids, answer, p, to
         matches.append(vocab_map[top[:, j:n + j]] == logq.argmax(-1))
         masks.append(m)
     loss = sum(w * l for w, l in zip(weights, losses)) / sum(weights)
-    return loss, torch.stack(losses), torch.stack(matches), masks[0] & masks[-1]
-
-
-def _acceptance(matches, mask) -> list:
-    """Per-position greedy acceptance (vLLM's definition) over the positions where ``mask`` is set."""
-    chain = matches.cumprod(0)[:, mask].float().mean(1)
-    prev = torch.cat([torch.ones(1, device=chain.device), chain[:-1]])
-    return (chain / prev.clamp_min(1e-8)).tolist()
+    return loss, torch.stack(matches), masks[0] & masks[-1]
 
 
 def train_on_sequences(target, sequences, out_dir, *, heads=((2, None),), draft_vocab_size: int | None = 8192,
@@ -363,7 +356,7 @@ def train_on_sequences(target, sequences, out_dir, *, heads=((2, None),), draft_
                 ids, mask, answer = _pad_batch(val[i:i + batch_size], pad, device)
                 hidden, p, top = _teacher(model, ids, mask, v_ids)
                 for k, h in enumerate(nets):
-                    loss, _, matches, m = _sequence_loss(h, embed_f, lm_head_t, vocab_map, hidden, ids, answer, p,
+                    loss, matches, m = _sequence_loss(h, embed_f, lm_head_t, vocab_map, hidden, ids, answer, p,
                                                          top, unroll, weights)
                     accs[k].append((matches, m))
                     losses[k].append(loss.item())
@@ -373,7 +366,7 @@ def train_on_sequences(target, sequences, out_dir, *, heads=((2, None),), draft_
         for k in range(len(nets)):
             matches = torch.cat([m.flatten(1) for m, _ in accs[k]], 1)
             mask = torch.cat([m.flatten() for _, m in accs[k]])
-            out.append((sum(losses[k]) / len(losses[k]), _acceptance(matches, mask)))
+            out.append((sum(losses[k]) / len(losses[k]), acceptance_by_position(matches[:, mask].cpu())))
         return out
 
     def export():
@@ -405,7 +398,7 @@ def train_on_sequences(target, sequences, out_dir, *, heads=((2, None),), draft_
         for h, o in zip(nets, opts):
             for g in o.param_groups:
                 g["lr"] = lr * schedule(step)
-            loss, _, _, _ = _sequence_loss(h, embed_f, lm_head_t, vocab_map, hidden, ids, answer, p, top, unroll,
+            loss, _, _ = _sequence_loss(h, embed_f, lm_head_t, vocab_map, hidden, ids, answer, p, top, unroll,
                                            weights)
             o.zero_grad()
             loss.backward()

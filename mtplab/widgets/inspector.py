@@ -11,6 +11,7 @@ import html
 import ipywidgets as W
 import plotly.graph_objects as go
 
+from ..trace import per_position_acceptance
 from .style import COLORS, fmt_prob
 
 EMPTY_NOTE = "Click a token in the token view to inspect its round."
@@ -91,15 +92,6 @@ def mtp_note(rnd, trace=None, token_text=None) -> str:
             f"feeding its own output state back at every step.")
 
 
-def acceptance_by_position(rounds) -> tuple:
-    """``(rates, accepted, drafted)`` per draft position over ``rounds`` (position i accepted / rounds that drafted
-    position i, as ``Trace.metrics.per_position_acceptance``)."""
-    longest = max((r.num_drafted for r in rounds), default=0)
-    drafted = [sum(r.num_drafted > i for r in rounds) for i in range(longest)]
-    accepted = [sum(r.num_drafted > i and r.num_accepted > i for r in rounds) for i in range(longest)]
-    return [a / d for a, d in zip(accepted, drafted)], accepted, drafted
-
-
 def bars(rnd, pos: int):
     """``(labels, p, q, residual)`` for the chart at ``pos``; q/residual are None where they do not apply."""
     if pos < rnd.num_drafted and rnd.candidates:
@@ -176,7 +168,7 @@ class RoundInspector(W.VBox):
             "from the head's own output state instead of the target's.</small>")
         rounds = list(trace.rounds) if trace is not None else [rnd]
         rounds = [r for r in rounds if r.draft_start_position is not None] or [rnd]
-        rates, accepted, drafted = acceptance_by_position(rounds)
+        rates, accepted, drafted = per_position_acceptance(rounds)
         here = pos if pos < rnd.num_drafted else None  # the inspected drafted position, highlighted
         colors = [("#9AD3BF" if i != here else COLORS["accepted"] if i < rnd.num_accepted else COLORS["rejected"])
                   for i in range(len(rates))]
