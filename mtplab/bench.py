@@ -23,9 +23,14 @@ import torch
 DRAFTERS = ("mtp", "mtp-head", "prompt-lookup", "layer-skip", "draft-model")
 
 
-def load_prompts() -> list:
-    """The shipped benchmark prompts: a list of ``{"id": slug, "prompt": text}``."""
-    text = resources.files("mtplab").joinpath("data", "prompts.json").read_text(encoding="utf-8")
+def load_prompts(kind: str = "bench") -> list:
+    """Shipped prompts, a list of ``{"id": slug, "prompt": text}``: ``"bench"``, the held-out benchmark prompts
+    (never used to train or tune a drafter), or ``"dev"``, 30 prompts of the same ten kinds on other topics, for
+    tuning."""
+    if kind not in ("bench", "dev"):
+        raise ValueError(f"kind must be 'bench' or 'dev', got {kind!r}")
+    name = "prompts.json" if kind == "bench" else "dev_prompts.json"
+    text = resources.files("mtplab").joinpath("data", name).read_text(encoding="utf-8")
     return json.loads(text)
 
 
@@ -154,6 +159,69 @@ def _recording_row(target, prompts, max_new_tokens, seed, bar) -> dict:
     row["recording_overhead_pct"] = 100 * (1 / row.pop("speedup") - 1)
     row["note"] = f"record=True costs {row['recording_overhead_pct']:+.1f}% time (plain tok/s: record=False)"
     return row
+
+
+def greedy_acceptance(target, drafter, prompts=None, gammas=(4,), max_new_tokens: int = 64) -> dict:
+    """Greedy acceptance of ``drafter`` per γ, found without running the speculative decoder.
+
+    Greedy speculative output is the target's own greedy text, whatever the drafter proposes, and a round accepts
+    exactly the longest common prefix of its draft and that text. So one plain greedy run and one forward pass per
+    prompt (for the target's hidden states) fix every round's context, and only the drafter has to run: seconds
+    instead of minutes, which makes it the tool for tuning a drafter on development prompts (e.g.
+    ``load_prompts("dev")``). Equal to the decoder's numbers up to floating-point ties (a full forward and the
+    decoder's incremental passes may differ in the last bits). Drafters that read the target's KV cache (``observe``)
+    need the real decoder.
+
+    Returns ``{γ: {"mean_acceptance_length", "per_position_acceptance", "per_prompt"}}`` (pooled as in the bench).
+    """
+    from .decoder import SpeculativeDecoder
+    from .drafters.base import Drafter
+    from .models import forward, new_cache
+    from .sampling import SamplingConfig
+
+    if type(drafter).observe is not Drafter.observe:
+        raise ValueError(f"{drafter!r} reads the target's KV cache; measure it with run_bench instead")
+    if not gammas or not all(isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in gammas):
+        raise ValueError(f"gammas must be a non-empty list of integers >= 1, got {gammas!r}")
+    drafter.bind(target)
+    plain = SpeculativeDecoder(target, None, record=False)
+    runs = []
+    token_lists = isinstance(prompts, list) and prompts and all(isinstance(p, list) for p in prompts)
+    for prompt in (prompts if token_lists else _prompt_texts(prompts)):  # texts, or token-id lists
+        trace = plain.generate(prompt, max_new_tokens)
+        ids = list(trace.prompt_ids) + list(trace.token_ids)
+        hidden = None
+        if drafter.uses_target_hidden:
+            with torch.inference_mode():
+                hidden = forward(target.model, ids, new_cache(target.model), hidden=True, logits=False)[1]
+        runs.append((ids, len(trace.prompt_ids), hidden))
+    cfg, out = SamplingConfig(), {}
+    for gamma in gammas:
+        counts, per_prompt = [], []  # counts: (drafted, accepted) per round
+        for ids, start, hidden in runs:
+            g, rounds = start, 0
+            with torch.inference_mode():
+                drafter.reset(ids[:g], None if hidden is None else hidden[g - 2])
+                while g < len(ids):
+                    k = min(gamma, max_new_tokens - (g - start) - 1)
+                    h = None if hidden is None else hidden[g - 2]
+                    draft = drafter.propose(ids[:g], k, cfg, torch.Generator(), h).tokens[:k] if k > 0 else []
+                    a = 0
+                    while a < len(draft) and g + a < len(ids) and draft[a] == ids[g + a]:
+                        a += 1
+                    counts.append((len(draft), a))
+                    g += a + (g + a < len(ids))  # + the target's own token, unless an accepted EOS ended the text
+                    rounds += 1
+                    drafter.rollback(g)
+            per_prompt.append((len(ids) - start) / rounds)
+        longest = max((d for d, _ in counts), default=0)
+        out[gamma] = dict(
+            mean_acceptance_length=sum(len(ids) - start for ids, start, _ in runs) / len(counts),
+            per_position_acceptance=[sum(a > i for d, a in counts if d > i) / max(1, sum(d > i for d, _ in counts))
+                                     for i in range(longest)],
+            per_prompt=per_prompt,
+        )
+    return out
 
 
 def run_bench(target=None, prompts=None, max_new_tokens: int = 64, gammas=(1, 2, 4, 8), temperatures=(0.0, 0.7),
