@@ -116,13 +116,34 @@ def _held_out(prompt: str) -> bool:
     return any(w in low for w in HELD_OUT_WORDS)
 
 
+# Python 3.12's sys.stdlib_module_names (public names), pinned so that make_prompts gives the same prompts on every
+# Python version: the shipped drafter's data was generated on 3.12 (3.11 adds asynchat, asyncore, distutils, imp,
+# smtpd, which changes every later random choice).
+PROMPT_MODULES = tuple("""
+    abc aifc antigravity argparse array ast asyncio atexit audioop base64 bdb binascii bisect builtins bz2
+    cProfile calendar cgi cgitb chunk cmath cmd code codecs codeop collections colorsys compileall concurrent
+    configparser contextlib contextvars copy copyreg crypt csv ctypes curses dataclasses datetime dbm decimal
+    difflib dis doctest email encodings ensurepip enum errno faulthandler fcntl filecmp fileinput fnmatch
+    fractions ftplib functools gc genericpath getopt getpass gettext glob graphlib grp gzip hashlib heapq hmac
+    html http idlelib imaplib imghdr importlib inspect io ipaddress itertools json keyword lib2to3 linecache
+    locale logging lzma mailbox mailcap marshal math mimetypes mmap modulefinder msilib msvcrt multiprocessing
+    netrc nis nntplib nt ntpath nturl2path numbers opcode operator optparse os ossaudiodev pathlib pdb pickle
+    pickletools pipes pkgutil platform plistlib poplib posix posixpath pprint profile pstats pty pwd py_compile
+    pyclbr pydoc pydoc_data pyexpat queue quopri random re readline reprlib resource rlcompleter runpy sched
+    secrets select selectors shelve shlex shutil signal site smtplib sndhdr socket socketserver spwd sqlite3
+    sre_compile sre_constants sre_parse ssl stat statistics string stringprep struct subprocess sunau symtable
+    sys sysconfig syslog tabnanny tarfile telnetlib tempfile termios textwrap this threading time timeit tkinter
+    token tokenize tomllib trace traceback tracemalloc tty turtle turtledemo types typing unicodedata unittest
+    urllib uu uuid venv warnings wave weakref webbrowser winreg winsound wsgiref xdrlib xml xmlrpc zipapp
+    zipfile zipimport zlib zoneinfo
+""".split())
+
+
 def make_prompts(seed: int = 0) -> list:
     """Stage-A prompts: every topic with every topic template, plus stories, code tasks, standard-library modules
     and list-formatting tasks; deduplicated, in a fixed shuffled order (the same for a given seed)."""
-    import sys
-
     rng = random.Random(seed)
-    modules = sorted(m for m in getattr(sys, "stdlib_module_names", ()) if not m.startswith("_"))
+    modules = list(PROMPT_MODULES)
     out = set()
     for topic in TOPICS:
         for t in DIRECT:

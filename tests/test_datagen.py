@@ -24,6 +24,17 @@ def test_prompts_are_deterministic_varied_and_never_the_held_out_ones():
     assert "tide" not in low and "lighthouse keeper" not in low and "vowel" not in low
 
 
+def test_prompts_are_the_shipped_drafters_on_every_python():
+    """The shipped drafter's stage-A prompts were made on Python 3.12 (runs/…/prompts_a.json, not committed): the
+    module list is pinned, so any Python gives the same 5,267 prompts."""
+    import hashlib
+
+    a = datagen.make_prompts(seed=0)
+    assert len(a) == 5267
+    assert hashlib.sha256("\n".join(a).encode()).hexdigest() == \
+        "f4b0ae90838c9a080612a8131d2d4b3ca8eb09f23e5b8d304e080631d29d4f1b"
+
+
 def test_followup_prompts_wrap_code_emails_and_texts():
     long = "word " * 60
     pairs = [("Write a Python function that adds numbers.", "Here:\n```python\ndef add(a, b):\n    return a + b\n```\n" + long),
