@@ -169,17 +169,16 @@ def greedy_acceptance(target, drafter, prompts=None, gammas=(4,), max_new_tokens
     prompt (for the target's hidden states) fix every round's context, and only the drafter has to run: seconds
     instead of minutes, which makes it the tool for tuning a drafter on development prompts (e.g.
     ``load_prompts("dev")``). Equal to the decoder's numbers up to floating-point ties (a full forward and the
-    decoder's incremental passes may differ in the last bits). Drafters that read the target's KV cache (``observe``)
-    need the real decoder.
+    decoder's incremental passes may differ in the last bits). Drafters that read the target's KV cache
+    (``needs_target_cache``) need the real decoder.
 
     Returns ``{γ: {"mean_acceptance_length", "per_position_acceptance", "per_prompt"}}`` (pooled as in the bench).
     """
     from .decoder import SpeculativeDecoder
-    from .drafters.base import Drafter
     from .models import forward, new_cache
     from .sampling import SamplingConfig
 
-    if type(drafter).observe is not Drafter.observe:
+    if drafter.needs_target_cache:
         raise ValueError(f"{drafter!r} reads the target's KV cache; measure it with run_bench instead")
     if not gammas or not all(isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in gammas):
         raise ValueError(f"gammas must be a non-empty list of integers >= 1, got {gammas!r}")
@@ -202,6 +201,7 @@ def greedy_acceptance(target, drafter, prompts=None, gammas=(4,), max_new_tokens
             g, rounds = start, 0
             with torch.inference_mode():
                 drafter.reset(ids[:g], None if hidden is None else hidden[g - 2])
+                drafter.observe(None if hidden is None else hidden[: g - 1], None)
                 while g < len(ids):
                     k = min(gamma, max_new_tokens - (g - start) - 1)
                     h = None if hidden is None else hidden[g - 2]
@@ -210,9 +210,10 @@ def greedy_acceptance(target, drafter, prompts=None, gammas=(4,), max_new_tokens
                     while a < len(draft) and g + a < len(ids) and draft[a] == ids[g + a]:
                         a += 1
                     counts.append((len(draft), a))
-                    g += a + (g + a < len(ids))  # + the target's own token, unless an accepted EOS ended the text
-                    rounds += 1
-                    drafter.rollback(g)
+                    final = g + a + (g + a < len(ids))  # + the target's own token, unless an accepted EOS ended it
+                    drafter.rollback(final)
+                    drafter.observe(None if hidden is None else hidden[g - 1: final - 1], None)
+                    g, rounds = final, rounds + 1
             per_prompt.append((len(ids) - start) / rounds)
         longest = max((d for d, _ in counts), default=0)
         out[gamma] = dict(

@@ -278,9 +278,18 @@ def _sequence_loss(head, embed, lm_head_t, vocab_map, hidden, ids, answer, p, to
     times and the true token t+j (as drafting does once the earlier drafts were accepted)."""
     n = ids.shape[1] - unroll
     s = hidden[:, :n]
+    if head.attn is not None:  # memory: every position j, value from the token after it; seed t sees j <= t
+        L = ids.shape[1] - 1
+        K, V = head.attn.memory(hidden[:, :L], embed(ids[:, :L]), embed(ids[:, 1:]))
+        seed, pos = torch.arange(n, device=ids.device)[:, None], torch.arange(L, device=ids.device)[None, :]
+        seen, distance = pos <= seed, (seed - pos).clamp_min(0).to(hidden.dtype)
     losses, matches, masks = [], [], []
     for j in range(1, unroll + 1):
-        s = head(s, embed(ids[:, j:n + j]))
+        context = None
+        if head.attn is not None:
+            match = (ids[:, j:n + j, None] == ids[:, None, :L]).to(hidden.dtype)
+            context = (K, V, match, distance, seen)
+        s = head(s, embed(ids[:, j:n + j]), context)
         logq = torch.log_softmax(s @ lm_head_t, dim=-1)
         m = answer[:, j + 1: j + 1 + n]
         m = torch.nn.functional.pad(m, (0, n - m.shape[1]))
@@ -300,7 +309,8 @@ def train_on_sequences(target, sequences, out_dir, *, heads=((2, None),), draft_
     """Train one or more MTP heads on ``sequences`` (``(ids, answer_start)`` pairs, e.g. from
     :func:`mtplab.datagen.load_sequences`), computing the target's hidden states and distributions on the fly.
 
-    ``heads``: ``(num_layers, intermediate_size)`` per head; all see the same batches (one target pass). Each is
+    ``heads``: ``(num_layers, intermediate_size[, context_attention])`` per head (see :class:`MTPHead`); all see
+    the same batches (one target pass). Each is
     saved to ``out_dir/head{i}`` (safetensors + JSON); ``out_dir/checkpoint.pt`` makes a re-run resume.
     ``time_budget`` (seconds): shorten the run to fit, measured over the first steps (the schedule adapts).
     ``restart``: continue from the checkpoint's weights and optimizer with a fresh schedule (warm-up, cosine) from
@@ -319,7 +329,7 @@ def train_on_sequences(target, sequences, out_dir, *, heads=((2, None),), draft_
     vocab_ids = draft_vocabulary(train, draft_vocab_size)
     hidden_size = model.get_input_embeddings().weight.shape[1]
     torch.manual_seed(seed)
-    nets = [MTPHead(hidden_size, layers, inner).to(device) for layers, inner in heads]
+    nets = [MTPHead(hidden_size, *spec).to(device) for spec in heads]
     opts = [torch.optim.AdamW(h.parameters(), lr=lr, weight_decay=0.0) for h in nets]
     start, history, total = 0, [], steps
     ckpt = out_dir / "checkpoint.pt"

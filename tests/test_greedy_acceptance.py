@@ -21,10 +21,11 @@ def decoder_numbers(target, drafter, gamma, n):
             sum(len(t.token_ids) for t in traces) / len(rounds), per_position_acceptance(rounds)[0])
 
 
-@pytest.mark.parametrize("kind", ["mtp", "mtp-copy", "prompt-lookup"])
+@pytest.mark.parametrize("kind", ["mtp", "mtp-copy", "mtp-attention", "prompt-lookup"])
 def test_equals_the_decoder(kind):
     target = tiny()
-    drafter = mtplab.PromptLookupDrafter() if kind == "prompt-lookup" else random_mtp(target)
+    drafter = mtplab.PromptLookupDrafter() if kind == "prompt-lookup" else \
+        random_mtp(target, context_attention=kind == "mtp-attention")
     if kind == "mtp-copy":
         drafter.context_ngram = 1
     got = greedy_acceptance(target, drafter, PROMPTS, gammas=(1, 3, 6), max_new_tokens=30)
@@ -51,6 +52,8 @@ def test_bad_input_is_refused():
     target = tiny()
 
     class ReadsCache(Drafter):
+        needs_target_cache = True
+
         def observe(self, target_hidden, target_cache):
             pass
 

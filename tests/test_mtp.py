@@ -14,9 +14,9 @@ from test_distribution import CONFIGS, CTX, V, dist, first_token_dist, target_jo
 PROMPT = [1, 2, 3, 4, 5, 6, 1, 2, 3]
 
 
-def random_mtp(target, seed=0, vocab_ids=None):
+def random_mtp(target, seed=0, vocab_ids=None, context_attention=False):
     torch.manual_seed(seed)
-    head = MTPHead(target.model.config.hidden_size, num_layers=2)
+    head = MTPHead(target.model.config.hidden_size, num_layers=2, context_attention=context_attention)
     for p in head.parameters():  # a random head with peaky, varied outputs
         torch.nn.init.normal_(p, std=0.3)
     return MTPDrafter(head, vocab_ids)
@@ -186,6 +186,9 @@ def test_context_ngram_is_checked():
 
 # --- training from token sequences (train_on_sequences, the shipped drafter's trainer) ---------------------------
 
+HEADS = ((1, 64), (2, None), (1, 64, True))  # the third reads the context
+
+
 @pytest.fixture(scope="module")
 def trained_seq(tmp_path_factory):
     from mtplab.train import train_on_sequences
@@ -194,7 +197,7 @@ def trained_seq(tmp_path_factory):
     gen = SpeculativeDecoder(target, None, temperature=1.0)
     seqs = [(PROMPT[:3] + gen.generate(PROMPT[:3], 45, seed=s).token_ids, 3) for s in range(30)]
     out = tmp_path_factory.mktemp("mtpseq")
-    drafters = train_on_sequences(target, seqs, out, heads=((1, 64), (2, None)), draft_vocab_size=48, steps=120,
+    drafters = train_on_sequences(target, seqs, out, heads=HEADS, draft_vocab_size=48, steps=120,
                                   batch_size=8, lr=3e-3, val_size=6, log_every=40, checkpoint_every=40,
                                   progress=False, log=lambda *_: None)
     return target, seqs, out, drafters
@@ -202,7 +205,7 @@ def trained_seq(tmp_path_factory):
 
 def test_train_on_sequences_lowers_the_loss(trained_seq):
     target, _, out, drafters = trained_seq
-    assert len(drafters) == 2
+    assert len(drafters) == 3 and drafters[2].head.attn is not None
     for d in drafters:
         first, last = d.history[0], d.history[-1]
         assert last["val_loss"] < first["val_loss"], (first, last)
@@ -221,6 +224,103 @@ def test_train_on_sequences_saves_and_resumes(trained_seq):
     # saved in float16: the drafts may differ in the last bits, the output never does (greedy = plain)
     assert a.token_ids == b.token_ids
     lines = []
-    train_on_sequences(target, seqs, out, heads=((1, 64), (2, None)), draft_vocab_size=48, steps=130, batch_size=8,
+    train_on_sequences(target, seqs, out, heads=HEADS, draft_vocab_size=48, steps=130, batch_size=8,
                        val_size=6, log_every=10, progress=False, log=lines.append)
     assert lines[0] == "resuming from step 120 of 130" and any(line.startswith("step 130 head 1") for line in lines)
+
+
+# --- context attention (MTPHead(context_attention=True)) ---------------------------------------------------------
+
+def attention_drafter(target, seed=0, vocab_ids=None):
+    drafter = random_mtp(target, seed=seed, vocab_ids=vocab_ids, context_attention=True)
+    assert drafter.head.attn.o.weight.abs().sum() > 0  # random, so that the attention changes the drafts
+    return drafter
+
+
+@pytest.mark.parametrize("gamma", [1, 3, 7])
+def test_greedy_mtp_with_context_attention_equals_plain(gamma):
+    target = tiny()
+    want = SpeculativeDecoder(target, None).generate(PROMPT, 40).token_ids
+    drafter = attention_drafter(target)
+    trace = SpeculativeDecoder(target, drafter, num_draft_tokens=gamma).generate(PROMPT, 40)
+    assert trace.token_ids == want
+    assert len(drafter._rows) == len(PROMPT) + 40 - 1  # a row per final position but the newest
+
+
+def test_context_attention_reads_the_context():
+    """The same seed state and token draft differently when the memory differs, and a fresh block (zero output
+    projection) leaves the head's drafts exactly as without it."""
+    target = tiny()
+    drafter = attention_drafter(target)
+    drafter.bind(target)
+    h = torch.randn(target.model.config.hidden_size)
+    rows = torch.randn(8, target.model.config.hidden_size)
+    states = []
+    for ids in ([1, 2, 3, 4, 5, 6, 7, 8, 9], [9, 9, 9, 9, 9, 9, 9, 8, 9]):
+        drafter.reset(ids)
+        drafter.observe(rows, None)
+        with torch.inference_mode():
+            states.append(drafter.step(h, ids[-1], drafter.context(ids)))
+    assert not torch.allclose(states[0], states[1])
+    torch.nn.init.zeros_(drafter.head.attn.o.weight)
+    with torch.inference_mode():
+        assert torch.allclose(drafter.step(h, 9, drafter.context([9, 9, 9, 9, 9, 9, 9, 8, 9])),
+                              drafter.head(h, drafter.embed(torch.tensor(9))))
+
+
+def test_context_attention_needs_the_targets_hidden_states():
+    target = tiny()
+    drafter = attention_drafter(target)
+    drafter.bind(target)
+    drafter.reset(PROMPT)
+    h = torch.randn(target.model.config.hidden_size)
+    with pytest.raises(ValueError, match="needs the target's hidden states of all 8 earlier positions .* it has 0"):
+        drafter.propose(PROMPT, 2, SamplingConfig(), torch.Generator(), h)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=str)
+def test_exact_distribution_mtp_with_context_attention(cfg):
+    target = tiny(vocab_size=V)
+    drafter = attention_drafter(target, vocab_ids=[0, 1, 2, 3, 5])
+    drafter.bind(target)
+
+    def seeded(ctx):  # the drafter as the decoder leaves it before drafting at ctx: memory of ctx[:-1]
+        with torch.inference_mode():
+            hs = target.model(torch.tensor([ctx[:-1]]), output_hidden_states=True).hidden_states[-1][0]
+        drafter.reset(ctx)
+        drafter.observe(hs, None)
+        return hs[-1], drafter.context(ctx)
+
+    def q_first(ctx):
+        h, context = seeded(ctx)
+        with torch.inference_mode():
+            return sampling.probs(drafter.logits(drafter.step(h, ctx[-1], context)), cfg).double()
+
+    def q_next(ctx, x1):
+        h, context = seeded(ctx)
+        with torch.inference_mode():
+            s2 = drafter.step(drafter.step(h, ctx[-1], context), x1, context)
+            return sampling.probs(drafter.logits(s2), cfg).double()
+
+    h, _ = seeded(CTX)  # the drafter's own q rows are the ones the enumeration assumes
+    for seed in range(4):
+        with torch.inference_mode():
+            d = drafter.propose(CTX, 2, cfg, torch.Generator().manual_seed(seed), h)
+        assert torch.allclose(d.q[0].double(), q_first(CTX), atol=1e-6)
+        assert torch.allclose(d.q[1].double(), q_next(CTX, d.tokens[0]), atol=1e-6)
+        h, _ = seeded(CTX)
+    assert torch.allclose(first_token_dist(target, q_first, CTX, cfg), dist(target, CTX, cfg), atol=1e-9)
+    assert torch.allclose(two_token_dist(target, q_first, CTX, cfg, q_next), target_joint(target, CTX, cfg), atol=1e-9)
+
+
+def test_context_attention_save_load_gives_identical_drafts(trained_seq, tmp_path):
+    target, _, out, drafters = trained_seq
+    drafter = attention_drafter(target)
+    drafter.save(tmp_path / "ctx")
+    back = MTPDrafter.load(tmp_path / "ctx")
+    assert back.head.config["context_attention"] is True
+    a = SpeculativeDecoder(target, drafter, num_draft_tokens=4, temperature=0.8).generate(PROMPT, 30, seed=2)
+    b = SpeculativeDecoder(target, back, num_draft_tokens=4, temperature=0.8).generate(PROMPT, 30, seed=2)
+    assert [r.draft_ids for r in a.rounds] == [r.draft_ids for r in b.rounds] and a.token_ids == b.token_ids
+    trained = MTPDrafter.load(out / "head2")
+    assert trained.head.attn is not None and trained.head.attn.o.weight.abs().sum() > 0  # training moved it

@@ -26,6 +26,7 @@ class Draft:
 class Drafter:
     name = "drafter"
     uses_target_hidden = False
+    needs_target_cache = False  # True for drafters whose ``observe`` reads the target's KV cache
 
     def bind(self, target) -> None:
         """Attach to a target once (check vocabularies, share modules). Called by the decoder."""

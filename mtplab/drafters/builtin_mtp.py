@@ -32,6 +32,7 @@ class BuiltinMTPDrafter(Drafter):
     """
 
     uses_target_hidden = True
+    needs_target_cache = True
 
     def __init__(self, mtp_model=None, name: str = "builtin-mtp"):
         self.mtp = mtp_model

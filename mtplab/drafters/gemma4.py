@@ -76,6 +76,7 @@ class Gemma4AssistantDrafter(Drafter):
     """
 
     uses_target_hidden = True
+    needs_target_cache = True
 
     def __init__(self, assistant, name: str | None = None):
         if isinstance(assistant, str):

@@ -15,12 +15,21 @@ cost of one small MLP plus one LM-head product per token. The LM head can be res
 ``draft_vocab_size`` tokens (like Gemma 4's sparse head): q is then zero elsewhere, which verification handles
 exactly (those tokens come back through the residual). The head keeps no KV cache, so rollback is free.
 
+Optionally (``context_attention=True``) the head also reads the context, as Gemma 4's assistant reads the target's
+KV cache: one attention block after the first projection, whose memory holds, for every position j the target has
+already read, a key from [h_j; embedding of x_j] and a value from [h_j; embedding of x_{j+1}] (the token that
+followed there, so attending to j can copy it), with two learned priors: a bonus where x_j equals the token the head
+is reading (an induction / n-gram match) and a penalty growing with distance. Its output projection starts at
+zero, so a fresh block changes nothing until trained. The drafter collects the h_j the decoder hands it after
+every target pass (``observe``); rollback drops the rows past the accepted prefix.
+
 Its probabilities q feed the same lossless verification as every drafter: greedy output is identical to the
 target's, sampled output follows the target's distribution.
 """
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -57,21 +66,68 @@ class SwiGLU(nn.Module):
         return x + self.down(nn.functional.silu(self.gate(y)) * self.up(y))
 
 
-class MTPHead(nn.Module):
-    """``(h, e) -> s``: the trainable part of the drafter (the embedding and LM head stay the target's)."""
+class ContextAttention(nn.Module):
+    """Attention from the head's state over the context the target has read (see the module docstring).
 
-    def __init__(self, hidden_size: int, num_layers: int = 2, intermediate_size: int | None = None):
+    ``memory(h, e_tok, e_next)`` turns the target's hidden states ``[..., m, H]`` and the embeddings of each
+    position's token and of the token after it into keys and values ``[..., heads, m, d]``; ``forward(x, K, V, match,
+    distance, mask)`` adds the attention output to the states ``x`` ``[..., n, H]``; ``match``, ``distance`` and
+    ``mask`` are ``[..., n, m]`` (token equality, positions back from the draft's seed, which memory rows to see).
+    """
+
+    def __init__(self, hidden_size: int, heads: int = 4, head_dim: int = 64):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.norm_x, self.norm_h, self.norm_e = RMSNorm(hidden_size), RMSNorm(hidden_size), RMSNorm(hidden_size)
+        self.q = nn.Linear(hidden_size, heads * head_dim, bias=False)
+        self.k = nn.Linear(2 * hidden_size, heads * head_dim, bias=False)
+        self.v = nn.Linear(2 * hidden_size, heads * head_dim, bias=False)
+        self.o = nn.Linear(heads * head_dim, hidden_size, bias=False)
+        nn.init.zeros_(self.o.weight)  # a new block starts as the identity
+        self.prior = nn.Parameter(torch.tensor([[2.0, 0.3]]).repeat(heads, 1))  # per head: match bonus, distance slope
+
+    def _split(self, x):  # [..., n, heads * d] -> [..., heads, n, d]
+        return x.unflatten(-1, (self.heads, self.head_dim)).transpose(-2, -3)
+
+    def memory(self, h, e_tok, e_next):
+        h = self.norm_h(h)
+        return (self._split(self.k(torch.cat([h, self.norm_e(e_tok)], -1))),
+                self._split(self.v(torch.cat([h, self.norm_e(e_next)], -1))))
+
+    def forward(self, x, K, V, match, distance, mask):
+        q = self._split(self.q(self.norm_x(x)))
+        bonus, slope = self.prior[:, 0, None, None], self.prior[:, 1, None, None]
+        scores = (q @ K.transpose(-1, -2) / math.sqrt(self.head_dim) + bonus * match.unsqueeze(-3)
+                  - slope * torch.log1p(distance).unsqueeze(-3))
+        scores = scores.masked_fill(~mask.unsqueeze(-3), float("-inf"))
+        out = (torch.softmax(scores, dim=-1) @ V).transpose(-2, -3).flatten(-2)
+        return x + self.o(out)
+
+
+class MTPHead(nn.Module):
+    """``(h, e) -> s``: the trainable part of the drafter (the embedding and LM head stay the target's).
+
+    ``context_attention``: add a :class:`ContextAttention` block; ``forward`` then takes ``context``, the arguments
+    of that block after ``x`` (``None``, e.g. with an empty memory, skips it).
+    """
+
+    def __init__(self, hidden_size: int, num_layers: int = 2, intermediate_size: int | None = None,
+                 context_attention: bool = False):
         super().__init__()
         self.config = dict(hidden_size=hidden_size, num_layers=num_layers,
-                           intermediate_size=intermediate_size or 2 * hidden_size)
+                           intermediate_size=intermediate_size or 2 * hidden_size,
+                           context_attention=bool(context_attention))
         self.norm_h = RMSNorm(hidden_size)
         self.norm_e = RMSNorm(hidden_size)
         self.proj = nn.Linear(2 * hidden_size, hidden_size, bias=False)
+        self.attn = ContextAttention(hidden_size) if context_attention else None
         self.blocks = nn.ModuleList(SwiGLU(hidden_size, self.config["intermediate_size"]) for _ in range(num_layers))
         self.norm_out = RMSNorm(hidden_size)
 
-    def forward(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, e: torch.Tensor, context=None) -> torch.Tensor:
         x = self.proj(torch.cat([self.norm_h(h), self.norm_e(e)], dim=-1))
+        if self.attn is not None and context is not None:
+            x = self.attn(x, *context)
         for block in self.blocks:
             x = block(x)
         return self.norm_out(x)
@@ -95,6 +151,7 @@ class MTPDrafter(Drafter):
         self.vocab_ids = None if vocab_ids is None else torch.as_tensor(vocab_ids, dtype=torch.long)
         self.name = name
         self.target = None
+        self.reset([])
 
     def bind(self, target) -> None:
         hidden = target.model.get_input_embeddings().weight.shape[1]
@@ -121,14 +178,57 @@ class MTPDrafter(Drafter):
         full[..., self.vocab_ids] = small
         return full
 
+    # --- the context the attention block reads: the target's hidden states of every final position ------------
+    def reset(self, prompt_ids, target_hidden=None) -> None:
+        self._rows, self._K, self._V = [], None, None
+
+    def observe(self, target_hidden, target_cache) -> None:
+        if self.head.attn is not None and target_hidden is not None:
+            self._rows.extend(target_hidden)
+
+    def rollback(self, num_valid: int) -> None:
+        del self._rows[max(0, num_valid - 1):]  # rows exist for positions 0 .. num_valid - 2 at most
+        if self._K is not None and self._K.shape[-2] > len(self._rows):
+            self._K, self._V = self._K[..., : len(self._rows), :], self._V[..., : len(self._rows), :]
+
+    def context(self, ids):
+        """Keys, values and the token ids of the memory (positions ``0 .. len(ids) - 2``), or ``None``."""
+        if self.head.attn is None or len(ids) < 2:
+            return None
+        m = len(ids) - 1
+        if len(self._rows) != m:
+            raise ValueError(f"this MTP drafter reads the context: it needs the target's hidden states of all "
+                             f"{m} earlier positions (the decoder hands them over via observe), it has {len(self._rows)}")
+        done = 0 if self._K is None else self._K.shape[-2]
+        if done < m:  # keys and values of the rows added since the last draft
+            device = self._rows[0].device
+            tok = torch.tensor(ids[done:m + 1], device=device)
+            K, V = self.head.attn.memory(torch.stack(self._rows[done:m]), self.embed(tok[:-1]), self.embed(tok[1:]))
+            self._K = K if self._K is None else torch.cat([self._K, K], dim=-2)
+            self._V = V if self._V is None else torch.cat([self._V, V], dim=-2)
+        return self._K, self._V, torch.tensor(ids[:m], device=self._K.device)
+
+    def step(self, h, token: int, context) -> torch.Tensor:
+        """One drafting step: the head's next state from state ``h`` and the embedding of ``token``."""
+        e = self.embed(torch.tensor(token, device=h.device))
+        if context is None:
+            return self.head(h, e)
+        K, V, memory_ids = context
+        m = memory_ids.shape[0]
+        match = (memory_ids == token).to(h.dtype)[None]
+        distance = torch.arange(m - 1, -1, -1, device=h.device, dtype=h.dtype)[None]  # seed position m-1 minus j
+        mask = torch.ones(1, m, dtype=torch.bool, device=h.device)
+        return self.head(h[None], e[None], (K, V, match, distance, mask))[0]
+
     def propose(self, ids, k, cfg, generator, target_hidden=None) -> Draft:
         if target_hidden is None:
             raise ValueError("MTPDrafter needs the target's last hidden state (the decoder passes it)")
         h, token = target_hidden, ids[-1]
         seq = list(ids) if self.context_ngram else None
+        context = self.context(ids)
         tokens, qs = [], []
         for _ in range(k):
-            h = self.head(h, self.embed(torch.tensor(token, device=h.device)))
+            h = self.step(h, token, context)
             logits = self.logits(h)
             q = probs(logits, cfg)
             copied = lookup(seq, 1, 3, self.context_ngram) if self.context_ngram else []
@@ -169,7 +269,8 @@ class MTPDrafter(Drafter):
         config = json.loads((path / CONFIG_NAME).read_text())
         tensors = load_file(path / WEIGHTS_NAME)
         vocab_ids = tensors.pop("vocab_ids", None)
-        head = MTPHead(config["hidden_size"], config["num_layers"], config["intermediate_size"])
+        head = MTPHead(config["hidden_size"], config["num_layers"], config["intermediate_size"],
+                       config.get("context_attention", False))
         try:
             head.load_state_dict(tensors)
         except RuntimeError as e:
