@@ -174,9 +174,12 @@ def greedy_acceptance(target, drafter, prompts=None, gammas=(4,), max_new_tokens
 
     Returns ``{γ: {"mean_acceptance_length", "per_position_acceptance", "per_prompt"}}`` (pooled as in the bench).
     """
+    from types import SimpleNamespace
+
     from .decoder import SpeculativeDecoder
     from .models import forward, new_cache
     from .sampling import SamplingConfig
+    from .trace import per_position_acceptance
 
     if drafter.needs_target_cache:
         raise ValueError(f"{drafter!r} reads the target's KV cache; measure it with run_bench instead")
@@ -215,11 +218,10 @@ def greedy_acceptance(target, drafter, prompts=None, gammas=(4,), max_new_tokens
                     drafter.observe(None if hidden is None else hidden[g - 1: final - 1], None)
                     g, rounds = final, rounds + 1
             per_prompt.append((len(ids) - start) / rounds)
-        longest = max((d for d, _ in counts), default=0)
         out[gamma] = dict(
             mean_acceptance_length=sum(len(ids) - start for ids, start, _ in runs) / len(counts),
-            per_position_acceptance=[sum(a > i for d, a in counts if d > i) / max(1, sum(d > i for d, _ in counts))
-                                     for i in range(longest)],
+            per_position_acceptance=per_position_acceptance(
+                [SimpleNamespace(num_drafted=d, num_accepted=a) for d, a in counts])[0],
             per_prompt=per_prompt,
         )
     return out
