@@ -20,7 +20,7 @@ from importlib import resources
 
 import torch
 
-DRAFTERS = ("mtp", "mtp-head", "prompt-lookup", "layer-skip", "draft-model")
+DRAFTERS = ("mtp", "mtp-tree", "mtp-head", "prompt-lookup", "layer-skip", "draft-model")
 
 
 def load_prompts(kind: str = "bench") -> list:
@@ -104,6 +104,7 @@ def _mtplab_row(target, drafter, gamma, temperature, prompts, max_new_tokens, se
         draft_cost_ratio=(_sum(s, "draft_seconds") / drafted) / plain_step if drafted else None,
         exact=all(a.token_ids == p.token_ids for a, p in pairs) if temperature == 0 else None,
         per_position_acceptance=per_position_acceptance(rounds)[0],
+        verify_tokens=sum(1 + (r.tree_nodes or r.num_drafted) for r in rounds) / len(rounds),
     )
 
 
@@ -172,7 +173,8 @@ def greedy_acceptance(target, drafter, prompts=None, gammas=(4,), max_new_tokens
     decoder's incremental passes may differ in the last bits). Drafters that read the target's KV cache
     (``needs_target_cache``) need the real decoder.
 
-    Returns ``{γ: {"mean_acceptance_length", "per_position_acceptance", "per_prompt"}}`` (pooled as in the bench).
+    Returns ``{γ: {"mean_acceptance_length", "per_position_acceptance", "per_prompt", "verify_tokens"}}`` (pooled as
+    in the bench; ``verify_tokens``: mean tokens per verify pass, pending token and every tree node included).
     """
     from types import SimpleNamespace
 
@@ -180,6 +182,7 @@ def greedy_acceptance(target, drafter, prompts=None, gammas=(4,), max_new_tokens
     from .models import forward, new_cache
     from .sampling import SamplingConfig
     from .trace import per_position_acceptance
+    from .tree import build_tree
 
     if drafter.needs_target_cache:
         raise ValueError(f"{drafter!r} reads the target's KV cache; measure it with run_bench instead")
@@ -199,7 +202,7 @@ def greedy_acceptance(target, drafter, prompts=None, gammas=(4,), max_new_tokens
         runs.append((ids, len(trace.prompt_ids), hidden))
     cfg, out = SamplingConfig(), {}
     for gamma in gammas:
-        counts, per_prompt = [], []  # counts: (drafted, accepted) per round
+        counts, per_prompt, rows = [], [], []  # counts: (drafted, accepted) per round; rows: tokens per verify pass
         for ids, start, hidden in runs:
             g, rounds = start, 0
             with torch.inference_mode():
@@ -208,11 +211,19 @@ def greedy_acceptance(target, drafter, prompts=None, gammas=(4,), max_new_tokens
                 while g < len(ids):
                     k = min(gamma, max_new_tokens - (g - start) - 1)
                     h = None if hidden is None else hidden[g - 2]
-                    draft = drafter.propose(ids[:g], k, cfg, torch.Generator(), h).tokens[:k] if k > 0 else []
-                    a = 0
-                    while a < len(draft) and g + a < len(ids) and draft[a] == ids[g + a]:
-                        a += 1
+                    proposed = drafter.propose(ids[:g], k, cfg, torch.Generator(), h) if k > 0 else None
+                    # a tree draft (mtplab.tree) keeps the branch that matches furthest, the main draft on a tie
+                    branches = [] if proposed is None else [proposed.tokens[:k]] + [
+                        b[:k] for b in proposed.branches or [] if b]
+                    a, draft = 0, branches[0] if branches else []
+                    for branch in branches:
+                        m = 0
+                        while m < len(branch) and g + m < len(ids) and branch[m] == ids[g + m]:
+                            m += 1
+                        if m > a:
+                            a, draft = m, branch
                     counts.append((len(draft), a))
+                    rows.append(1 + (len(build_tree(branches).tokens) if len(branches) > 1 else len(draft)))
                     final = g + a + (g + a < len(ids))  # + the target's own token, unless an accepted EOS ended it
                     drafter.rollback(final)
                     drafter.observe(None if hidden is None else hidden[g - 1: final - 1], None)
@@ -223,6 +234,7 @@ def greedy_acceptance(target, drafter, prompts=None, gammas=(4,), max_new_tokens
             per_position_acceptance=per_position_acceptance(
                 [SimpleNamespace(num_drafted=d, num_accepted=a) for d, a in counts])[0],
             per_prompt=per_prompt,
+            verify_tokens=sum(rows) / len(rows),
         )
     return out
 
@@ -252,6 +264,7 @@ def run_bench(target=None, prompts=None, max_new_tokens: int = 64, gammas=(1, 2,
     small = truncated_copy(target, draft_layers) if "draft-model" in drafters else None
     made = {
         "mtp": lambda: load_drafter("mtp", target),  # the shipped MTP drafter (copies from the context on 3-gram matches)
+        "mtp-tree": lambda: load_drafter("mtp-tree", target),  # the same, verified as a token tree when greedy
         "mtp-head": lambda: load_drafter("mtp", target, context_ngram=None),  # the same head alone
         "prompt-lookup": PromptLookupDrafter,
         "layer-skip": lambda: LayerSkipDrafter(target, exit_layer=exit_layer),
@@ -314,6 +327,7 @@ def _assistant(model, gamma):
 COLUMNS = [  # (header, key, format)
     ("engine", "engine", "{}"), ("method", "method", "{}"), ("γ", "gamma", "{}"), ("T", "temperature", "{:g}"),
     ("acc.len", "mean_acceptance_length", "{:.2f}"), ("acc.rate", "acceptance_rate", "{:.2f}"),
+    ("tok/pass", "verify_tokens", "{:.1f}"),
     ("tok/s", "tokens_per_second", "{:.1f}"), ("plain tok/s", "plain_tokens_per_second", "{:.1f}"),
     ("speedup", "speedup", "{:.2f}x"), ("c", "draft_cost_ratio", "{:.2f}"), ("exact", "exact", "{}"),
     ("per-position acceptance", "per_position_acceptance", "{:.2f}"),

@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-DRAFTER_CHOICES = ("mtp", "mtp-head", "prompt-lookup", "layer-skip", "draft-model", "none")
+DRAFTER_CHOICES = ("mtp", "mtp-tree", "mtp-head", "prompt-lookup", "layer-skip", "draft-model", "none")
 COLORS = {"accepted": "32", "rejected": "31;9", "correction": "38;5;208", "bonus": "34"}
 MARKS = {"accepted": "+", "rejected": "-", "correction": "!", "bonus": "*"}
 
@@ -34,8 +34,10 @@ def _make_drafter(name, target, exit_layer, draft_layers):
     from .drafters import DraftModelDrafter, LayerSkipDrafter, PromptLookupDrafter, load_drafter
     from .models import truncated_copy
 
-    if name in ("mtp", "mtp-head"):
-        return load_drafter("mtp", target, **({} if name == "mtp" else {"context_ngram": None}))
+    if name in ("mtp", "mtp-tree"):
+        return load_drafter(name, target)
+    if name == "mtp-head":
+        return load_drafter("mtp", target, context_ngram=None)
     if name == "prompt-lookup":
         return PromptLookupDrafter()
     if name == "layer-skip":

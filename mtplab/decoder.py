@@ -5,7 +5,8 @@ emits one token), so speculative and plain runs share every line of sampling and
 
 Cache convention: the target's KV cache always holds every token except the newest one (the "pending" token).
 A round feeds ``[pending] + draft`` (k+1 tokens) through the target once; logits row i scores the token after
-input i, so rows 0..k-1 verify the draft and row k gives the bonus token when everything was accepted.
+input i, so rows 0..k-1 verify the draft and row k gives the bonus token when everything was accepted. (A tree
+draft feeds [pending] + every node of the tree, then keeps the rows of one branch: see ``mtplab.tree``.)
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from .drafters.base import Drafter
 from .models import Target, crop_cache, forward, new_cache
 from .sampling import SamplingConfig, check_sampling, probs, verify
 from .trace import Round, Trace
+from .tree import best_branch, build_tree, keep_cache_rows
 
 MAX_DRAFT_TOKENS = 64
 SCHEDULES = ("constant", "heuristic")
@@ -149,8 +151,20 @@ class SpeculativeDecoder:
         q = None if draft is None or draft.q is None else draft.q[: len(tokens)]
         t1 = time.perf_counter()
 
-        # 2. verify: one target pass over [pending] + draft
-        logits, h = forward(target.model, [ids[-1]] + tokens, cache, hidden=drafter is not None and drafter.uses_target_hidden)
+        # 2. verify: one target pass over [pending] + draft. With greedy decoding a drafter may offer other branches:
+        #    then the pass reads them all as one token tree (mtplab.tree), and the branch the target's choices follow
+        #    furthest is kept (its rows of the pass and of the cache) and verified below as if it were the only draft
+        branches = [b[:k] for b in draft.branches if b] if draft is not None and draft.branches and cfg.greedy else []
+        tree = build_tree([tokens] + branches) if tokens and branches else None
+        logits, h = forward(target.model, [ids[-1]] + (tree.tokens if tree else tokens), cache,
+                            hidden=drafter is not None and drafter.uses_target_hidden, tree=tree)
+        cache_before, branch = cache.get_seq_length(), 0
+        if tree is not None:
+            branch = best_branch(tree, logits.argmax(-1).tolist())
+            rows = [0] + [node + 1 for node in tree.branches[branch]]
+            keep_cache_rows(cache, context_len - 1, rows)
+            logits, h = logits[rows], None if h is None else h[rows]
+            tokens, q = [tree.tokens[node] for node in tree.branches[branch]], q if branch == 0 else None
         p = probs(logits, cfg)
         t2 = time.perf_counter()
 
@@ -160,7 +174,6 @@ class SpeculativeDecoder:
         eos_at = next((i for i, t in enumerate(tokens[:n]) if t in target.eos_token_ids), None)
         if eos_at is not None:  # an accepted EOS ends the run there
             n = eos_at + 1
-        cache_before = cache.get_seq_length()
         crop_cache(cache, context_len + n)
         if drafter is not None:
             drafter.rollback(context_len + n)
@@ -175,6 +188,8 @@ class SpeculativeDecoder:
             target_cache_before=cache_before, target_cache_len=cache.get_seq_length(),
             drafter_cache_len=0 if drafter is None else drafter.cache_len,
             draft_start_position=None if draft is None else draft.start_position,
+            tree_branches=[] if tree is None else [list(draft.tokens[:k])] + branches,
+            tree_branch=branch, tree_nodes=0 if tree is None else len(tree.tokens),
         )
         if self.record:
             self._record(rnd, p, q, v)

@@ -178,9 +178,17 @@ def crop_cache(cache: DynamicCache, length: int) -> None:
         cache.crop(-extra)
 
 
-def forward(model, ids: list, cache: DynamicCache, hidden: bool = False, logits: bool = True):
-    """Feed ``ids`` (appending to ``cache``); return ``(logits [n, V], last hidden states [n, H] or None)``."""
+def forward(model, ids: list, cache: DynamicCache, hidden: bool = False, logits: bool = True, tree=None):
+    """Feed ``ids`` (appending to ``cache``); return ``(logits [n, V], last hidden states [n, H] or None)``.
+
+    ``tree`` (a :class:`mtplab.tree.TokenTree`): ``ids`` are the pending token and the tree's nodes, fed with the
+    tree's positions and attention mask instead of as a chain."""
     x = torch.tensor([ids], dtype=torch.long, device=model.device)
+    extra = {}
+    if tree is not None:
+        from .tree import tree_inputs
+
+        extra["position_ids"], extra["attention_mask"] = tree_inputs(tree, cache.get_seq_length(), model.device)
     with kernels.enabled():
         out = model(
             input_ids=x,
@@ -188,6 +196,7 @@ def forward(model, ids: list, cache: DynamicCache, hidden: bool = False, logits:
             use_cache=True,
             output_hidden_states=hidden,
             logits_to_keep=0 if logits else 1,
+            **extra,
         )
     return out.logits[0], (out.hidden_states[-1][0] if hidden else None)
 

@@ -47,6 +47,9 @@ class Round:
     verify_seconds: float = 0.0
     bookkeeping_seconds: float = 0.0
     draft_start_position: int | None = None  # for MTP drafters: the target position whose hidden state seeded it
+    tree_branches: list = field(default_factory=list)  # tree drafts: every branch offered, main draft first ([]: chain)
+    tree_branch: int = 0  # ... the one verified (the one the target's greedy choices followed furthest): draft_ids
+    tree_nodes: int = 0  # ... the tree's node count: the verify pass read tree_nodes + 1 tokens
 
     @property
     def num_drafted(self) -> int:

@@ -21,6 +21,9 @@ class Draft:
     tokens: list  # drafted token ids, at most the k asked for (may be empty)
     q: torch.Tensor | None  # [len(tokens), V] draft probabilities under the run's sampling; None = deterministic
     start_position: int | None = None  # MTP drafters: target position whose hidden state seeded the draft
+    # other guesses for the same positions, each a token list that continues ``ids`` like ``tokens`` does: with
+    # greedy decoding the decoder verifies all of them in one pass as a token tree (see mtplab.tree)
+    branches: list | None = None
 
 
 class Drafter:

@@ -23,6 +23,10 @@ is reading (an induction / n-gram match) and a penalty growing with distance. It
 zero, so a fresh block changes nothing until trained. The drafter collects the h_j the decoder hands it after
 every target pass (``observe``); rollback drops the rows past the accepted prefix.
 
+With greedy decoding the drafter can also offer a few other branches (``tree_width``, ``tree_copy``): the head's
+runner-up first tokens, continued, and a copy of what followed the last token before. The decoder verifies them all
+in one target pass as a token tree (``mtplab.tree``); the shipped settings are ``load_drafter("mtp-tree")``.
+
 Its probabilities q feed the same lossless verification as every drafter: greedy output is identical to the
 target's, sampled output follows the target's distribution.
 """
@@ -137,12 +141,24 @@ class MTPDrafter(Drafter):
     """Drafts k tokens from the target's last hidden state with an :class:`MTPHead`.
 
     ``vocab_ids``: the token ids the draft head may propose (``None``: the whole vocabulary).
+    ``context_ngram``: copy a token from the context when the last n tokens occurred there before (``None``: never).
+    ``tree_width`` / ``tree_branch_len`` / ``tree_copy``: with greedy decoding, also offer branches for a token tree
+    (``mtplab.tree``): one for each of the head's top ``tree_width`` first tokens besides the main draft's, continued
+    like the main draft up to ``tree_branch_len`` tokens, and (``tree_copy``) what followed the latest earlier
+    occurrence of the last token.
     """
 
     uses_target_hidden = True
 
     def __init__(self, head: MTPHead, vocab_ids: torch.Tensor | None = None, name: str = "mtp",
-                 context_ngram: int | None = None):
+                 context_ngram: int | None = None, tree_width: int = 1, tree_copy: bool = False,
+                 tree_branch_len: int = 2):
+        if isinstance(tree_width, bool) or not isinstance(tree_width, int) or not 1 <= tree_width <= 8:
+            raise ValueError(f"tree_width must be an integer in [1, 8] (1: no tree), got {tree_width!r}")
+        if isinstance(tree_branch_len, bool) or not isinstance(tree_branch_len, int) or tree_branch_len < 1:
+            raise ValueError(f"tree_branch_len must be an integer >= 1, got {tree_branch_len!r}")
+        self.tree_width, self.tree_copy = tree_width, bool(tree_copy)
+        self.tree_branch_len = tree_branch_len
         if context_ngram is not None and (isinstance(context_ngram, bool) or not isinstance(context_ngram, int)
                                           or not 1 <= context_ngram <= 3):
             raise ValueError(f"context_ngram must be None or an integer in [1, 3], got {context_ngram!r}")
@@ -208,39 +224,55 @@ class MTPDrafter(Drafter):
             self._V = V if self._V is None else torch.cat([self._V, V], dim=-2)
         return self._K, self._V, torch.tensor(ids[:m], device=self._K.device)
 
-    def step(self, h, token: int, context) -> torch.Tensor:
-        """One drafting step: the head's next state from state ``h`` and the embedding of ``token``."""
-        e = self.embed(torch.tensor(token, device=h.device))
-        if context is None:
-            return self.head(h, e)
-        K, V, memory_ids = context
-        m = memory_ids.shape[0]
-        match = (memory_ids == token).to(h.dtype)[None]
-        distance = torch.arange(m - 1, -1, -1, device=h.device, dtype=h.dtype)[None]  # seed position m-1 minus j
-        mask = torch.ones(1, m, dtype=torch.bool, device=h.device)
-        return self.head(h[None], e[None], (K, V, match, distance, mask))[0]
+    def step(self, h, token, context) -> torch.Tensor:
+        """One drafting step: the head's next state from state ``h`` ``[H]`` and the embedding of ``token``; or, for
+        several drafts at once, states ``[B, H]`` and a list of B tokens."""
+        single = h.dim() == 1
+        tokens = torch.tensor([token] if single else list(token), device=h.device)
+        ctx = None
+        if context is not None:
+            K, V, memory_ids = context
+            m = memory_ids.shape[0]
+            match = (memory_ids[None] == tokens[:, None]).to(h.dtype)  # [B, m]: an induction / n-gram match
+            distance = torch.arange(m - 1, -1, -1, device=h.device, dtype=h.dtype)[None]  # seed position m-1 minus j
+            ctx = (K, V, match, distance, torch.ones(1, m, dtype=torch.bool, device=h.device))
+        s = self.head(h[None] if single else h, self.embed(tokens), ctx)
+        return s[0] if single else s
 
     def propose(self, ids, k, cfg, generator, target_hidden=None) -> Draft:
         if target_hidden is None:
             raise ValueError("MTPDrafter needs the target's last hidden state (the decoder passes it)")
-        h, token = target_hidden, ids[-1]
-        seq = list(ids) if self.context_ngram else None
         context = self.context(ids)
-        tokens, qs = [], []
-        for _ in range(k):
-            h = self.step(h, token, context)
-            logits = self.logits(h)
-            q = probs(logits, cfg)
-            copied = lookup(seq, 1, 3, self.context_ngram) if self.context_ngram else []
-            if copied:  # the context continues this n-gram: propose that token (deterministic, q one-hot)
-                token, q = copied[0], one_hot(copied[0], q)
-            else:
-                token = choose(logits, q, cfg, generator)
-            tokens.append(token)
-            qs.append(q)
-            if seq is not None:
+        tree = cfg.greedy and (self.tree_width > 1 or self.tree_copy)
+        seqs, states, qs, ended = [list(ids)], target_hidden[None], [], []  # seqs[0]: ids + the main draft
+        for i in range(k):
+            states = self.step(states, [seq[-1] for seq in seqs], context)  # every live draft advances at once
+            logits = self.logits(states)
+            for b, seq in enumerate(seqs):
+                q = probs(logits[b], cfg)
+                copied = lookup(seq, 1, 3, self.context_ngram) if self.context_ngram else []
+                if copied:  # the context continues this n-gram: propose that token (deterministic, q one-hot)
+                    token, q = copied[0], one_hot(copied[0], q)
+                else:
+                    token = choose(logits[b], q, cfg, generator)
                 seq.append(token)
-        return Draft(tokens, torch.stack(qs) if qs else None, start_position=len(ids) - 2)
+                if b == 0:
+                    qs.append(q)
+            if tree and i == 0:  # tree: the head's other top first tokens start branches from the same state
+                for t in logits[0].topk(self.tree_width).indices.tolist() if self.tree_width > 1 else []:
+                    if t != seqs[0][-1]:
+                        seqs.append(list(ids) + [t])
+                        states = torch.cat([states, states[:1]])
+            live = [b == 0 or len(seq) - len(ids) < min(k, self.tree_branch_len) for b, seq in enumerate(seqs)]
+            ended += [seq for seq, keep in zip(seqs, live) if not keep]
+            seqs, states = [seq for seq, keep in zip(seqs, live) if keep], states[torch.tensor(live)]
+        draft = Draft(seqs[0][len(ids):], torch.stack(qs) if qs else None, start_position=len(ids) - 2)
+        if tree and k > 0:
+            draft.branches = [seq[len(ids):] for seq in ended + seqs[1:]]
+            copied = lookup(ids, k, 3, 1) if self.tree_copy else []
+            if copied:  # what followed the latest earlier occurrence of the last token
+                draft.branches.append(copied)
+        return draft
 
     # --- saving and loading ---------------------------------------------------------------------------------
     def save(self, path, dtype: torch.dtype | None = None, **meta) -> Path:
@@ -281,6 +313,8 @@ class MTPDrafter(Drafter):
 
 
 SHIPPED = {"SmolLM2-135M-Instruct": "mtp-smollm2-135m"}  # target name -> folder in mtplab/data
+# "mtp-tree": the shipped drafter, verified as a token tree when greedy (settings chosen on the dev prompts)
+TREE = dict(tree_width=2, tree_branch_len=2, tree_copy=True)
 
 
 def shipped_path(target_name: str = "SmolLM2-135M-Instruct") -> Path:
@@ -293,21 +327,31 @@ def shipped_path(target_name: str = "SmolLM2-135M-Instruct") -> Path:
     return Path(str(resources.files("mtplab").joinpath("data", SHIPPED[target_name])))
 
 
-def load_drafter(name_or_path="mtp", target=None, context_ngram="saved") -> MTPDrafter:
+def load_drafter(name_or_path="mtp", target=None, context_ngram="saved", tree: dict | None = None) -> MTPDrafter:
     """An MTP drafter: ``"mtp"`` is the one shipped for the bundled target (or for ``target``, if mtplab ships one
-    for it); any other value is a folder written by :meth:`MTPDrafter.save` / :func:`mtplab.train.train_on_sequences`.
+    for it); ``"mtp-tree"`` is the same drafter offering a token tree in greedy decoding (besides its draft, the
+    head's second-best first token continued one more step, and a copy of what followed the last token before); any
+    other value is a folder written by :meth:`MTPDrafter.save` / :func:`mtplab.train.train_on_sequences`.
 
     ``context_ngram``: ``"saved"`` keeps the saved setting (the shipped drafter copies a token from the context when
     the last 3 tokens occurred there before); ``None`` drafts with the head alone; 1-3 sets the n-gram size.
+    ``tree``: ``dict(tree_width=..., tree_branch_len=..., tree_copy=...)`` for tree drafting (see :class:`MTPDrafter`).
     """
-    if name_or_path == "mtp":
+    if name_or_path in ("mtp", "mtp-tree"):
+        if name_or_path == "mtp-tree":
+            tree = TREE if tree is None else tree
         path = shipped_path("SmolLM2-135M-Instruct" if target is None else target.name)
     else:
         path = Path(name_or_path)
     drafter = MTPDrafter.load(path)
-    if context_ngram != "saved":
-        name = "mtp-head" if context_ngram is None and drafter.name == "mtp" else drafter.name
-        meta, drafter = drafter.meta, MTPDrafter(drafter.head, drafter.vocab_ids, name, context_ngram)
+    if context_ngram != "saved" or tree:
+        name = drafter.name
+        if context_ngram is None and name == "mtp":
+            name = "mtp-head"
+        elif tree and name == "mtp":
+            name = "mtp-tree"
+        ngram = drafter.context_ngram if context_ngram == "saved" else context_ngram
+        meta, drafter = drafter.meta, MTPDrafter(drafter.head, drafter.vocab_ids, name, ngram, **(tree or {}))
         drafter.meta = meta
     if target is not None:
         drafter.bind(target)

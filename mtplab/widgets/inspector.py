@@ -2,7 +2,8 @@
 
 For rounds drafted by an MTP drafter (``round.draft_start_position`` is set) it adds an MTP view: which target
 position's hidden state seeded the draft, and the run's acceptance by draft position so far — how quickly the head's
-guesses fade as it feeds its own state back, step after step.
+guesses fade as it feeds its own state back, step after step. Rounds verified as a token tree (``mtplab.tree``) also
+list their branches and the one the target followed.
 """
 from __future__ import annotations
 
@@ -92,6 +93,23 @@ def mtp_note(rnd, trace=None, token_text=None) -> str:
             f"feeding its own output state back at every step.")
 
 
+def tree_note(rnd, token_text=None) -> str:
+    """HTML: the branches of a tree round and the one the target's greedy choices followed ("" for chain rounds)."""
+    if not rnd.tree_branches:
+        return ""
+    esc = html.escape
+    text = (lambda t: esc(repr(token_text(t)))) if token_text is not None else str
+    lines = []
+    for i, branch in enumerate(rnd.tree_branches):
+        label = "main draft" if i == 0 else f"branch {i}"
+        toks = " ".join(f"<code>{text(t)}</code>" for t in branch)
+        lines.append(f"<b>{label} ← verified</b>: {toks}" if i == rnd.tree_branch else f"{label}: {toks}")
+    return (f"<b>Token tree</b>: one target pass read the pending token and {rnd.tree_nodes} tree nodes "
+            f"({len(rnd.tree_branches)} branches, shared prefixes merged), each node seeing only its own ancestors. "
+            f"The branch the target's greedy choices followed furthest is the draft shown; the cache kept its rows."
+            "<br>" + "<br>".join(lines))
+
+
 def bars(rnd, pos: int):
     """``(labels, p, q, residual)`` for the chart at ``pos``; q/residual are None where they do not apply."""
     if pos < rnd.num_drafted and rnd.candidates:
@@ -165,7 +183,8 @@ class RoundInspector(W.VBox):
         self.mtp_note.value = mtp_note(rnd, trace, token_text) + (
             "<br><small>Below: how often each draft position was accepted in this run so far (position i accepted / "
             "rounds that drafted position i); the position you clicked is highlighted. Every step after the first starts "
-            "from the head's own output state instead of the target's.</small>")
+            "from the head's own output state instead of the target's.</small>") + (
+            "<br>" + tree_note(rnd, token_text) if rnd.tree_branches else "")
         rounds = list(trace.rounds) if trace is not None else [rnd]
         rounds = [r for r in rounds if r.draft_start_position is not None] or [rnd]
         rates, accepted, drafted = per_position_acceptance(rounds)

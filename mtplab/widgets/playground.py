@@ -35,6 +35,7 @@ def offline_drafters(target: Target) -> dict:
     shipped = {}
     if target.name in SHIPPED:  # mtplab ships a trained MTP drafter for the bundled target
         shipped = {MTP_LABEL: lambda: load_drafter("mtp", target),
+                   "MTP + token tree (greedy: 3 branches in one pass)": lambda: load_drafter("mtp-tree", target),
                    "MTP head alone (no context copy)": lambda: load_drafter("mtp", target, context_ngram=None)}
     return {
         **shipped,
