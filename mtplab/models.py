@@ -188,7 +188,14 @@ def forward(model, ids: list, cache: DynamicCache, hidden: bool = False, logits:
     if tree is not None:
         from .tree import tree_inputs
 
-        extra["position_ids"], extra["attention_mask"] = tree_inputs(tree, cache.get_seq_length(), model.device)
+        impl = getattr(model.config, "_attn_implementation", None) or "eager"
+        if impl not in ("sdpa", "eager"):
+            raise NotImplementedError(f"tree drafts need a custom attention mask, which {impl!r} attention does not "
+                                      "take: load the target with attn_implementation='sdpa', or draft a chain")
+        positions, sees = tree_inputs(tree, cache.get_seq_length(), model.device)
+        dtype = model.get_input_embeddings().weight.dtype  # an additive mask: 0 where a row may look, -inf-ish not
+        mask = torch.zeros(sees.shape, dtype=dtype, device=model.device).masked_fill(~sees, torch.finfo(dtype).min)
+        extra["position_ids"], extra["attention_mask"] = positions, mask
     with kernels.enabled():
         out = model(
             input_ids=x,

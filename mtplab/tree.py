@@ -59,7 +59,8 @@ def build_tree(branches: list) -> TokenTree:
 
 def tree_inputs(tree: TokenTree, past: int, device=None):
     """Position ids ``[1, 1+n]`` and boolean attention mask ``[1, 1, 1+n, past+1+n]`` for one pass over the
-    pending token (at position ``past``) and the tree's n nodes: a node sees the context, the root and its ancestors."""
+    pending token (at position ``past``) and the tree's n nodes: a node sees the context, the root and its ancestors.
+    (:func:`mtplab.models.forward` turns the mask into the additive form both eager and SDPA attention read.)"""
     n = len(tree.tokens)
     sees = torch.zeros(1 + n, 1 + n, dtype=torch.bool)
     sees[:, 0] = True

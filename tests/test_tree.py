@@ -34,9 +34,10 @@ def test_build_tree_shares_prefixes():
     assert best_branch(tree, [99] * 9) == 0  # nothing matches: the main draft
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_a_tree_pass_scores_each_branch_as_a_chain_pass(seed):
+@pytest.mark.parametrize("seed,attention", [(0, "sdpa"), (1, "sdpa"), (0, "eager")])
+def test_a_tree_pass_scores_each_branch_as_a_chain_pass(seed, attention):
     target = tiny(seed=seed)
+    target.model.config._attn_implementation = attention
     ids = [1, 2, 3, 4, 5, 6, 7]
     cache = new_cache(target.model)
     forward(target.model, ids[:-1], cache)
