@@ -104,7 +104,7 @@ def _mtplab_row(target, drafter, gamma, temperature, prompts, max_new_tokens, se
         draft_cost_ratio=(_sum(s, "draft_seconds") / drafted) / plain_step if drafted else None,
         exact=all(a.token_ids == p.token_ids for a, p in pairs) if temperature == 0 else None,
         per_position_acceptance=per_position_acceptance(rounds)[0],
-        verify_tokens=sum(1 + (r.tree_nodes or r.num_drafted) for r in rounds) / len(rounds),
+        verify_tokens=sum(r.verify_tokens for r in rounds) / len(rounds),
     )
 
 
@@ -182,7 +182,7 @@ def greedy_acceptance(target, drafter, prompts=None, gammas=(4,), max_new_tokens
     from .models import forward, new_cache
     from .sampling import SamplingConfig
     from .trace import per_position_acceptance
-    from .tree import build_tree
+    from .tree import best_branch, build_tree
 
     if drafter.needs_target_cache:
         raise ValueError(f"{drafter!r} reads the target's KV cache; measure it with run_bench instead")
@@ -212,18 +212,14 @@ def greedy_acceptance(target, drafter, prompts=None, gammas=(4,), max_new_tokens
                     k = min(gamma, max_new_tokens - (g - start) - 1)
                     h = None if hidden is None else hidden[g - 2]
                     proposed = drafter.propose(ids[:g], k, cfg, torch.Generator(), h) if k > 0 else None
-                    # a tree draft (mtplab.tree) keeps the branch that matches furthest, the main draft on a tie
-                    branches = [] if proposed is None else [proposed.tokens[:k]] + [
-                        b[:k] for b in proposed.branches or [] if b]
-                    a, draft = 0, branches[0] if branches else []
-                    for branch in branches:
-                        m = 0
-                        while m < len(branch) and g + m < len(ids) and branch[m] == ids[g + m]:
-                            m += 1
-                        if m > a:
-                            a, draft = m, branch
-                    counts.append((len(draft), a))
-                    rows.append(1 + (len(build_tree(branches).tokens) if len(branches) > 1 else len(draft)))
+                    # the draft, or a tree of drafts (mtplab.tree): the target's greedy choice after a node at depth
+                    # d on the followed path is the text's token g + d (none past the end), so best_branch applies
+                    tree = build_tree([] if proposed is None else [proposed.tokens[:k]] + [
+                        b[:k] for b in proposed.branches or [] if b])
+                    argmax = [ids[g + d] if g + d < len(ids) else -1 for d in [0] + tree.depths]
+                    branch, a = best_branch(tree, argmax) if tree.branches else (0, 0)
+                    counts.append((len(tree.branches[branch]) if tree.branches else 0, a))
+                    rows.append(1 + len(tree.tokens))
                     final = g + a + (g + a < len(ids))  # + the target's own token, unless an accepted EOS ended it
                     drafter.rollback(final)
                     drafter.observe(None if hidden is None else hidden[g - 1: final - 1], None)

@@ -160,7 +160,7 @@ class SpeculativeDecoder:
                             hidden=drafter is not None and drafter.uses_target_hidden, tree=tree)
         cache_before, branch = cache.get_seq_length(), 0
         if tree is not None:
-            branch = best_branch(tree, logits.argmax(-1).tolist())
+            branch, _ = best_branch(tree, logits.argmax(-1).tolist())
             rows = [0] + [node + 1 for node in tree.branches[branch]]
             keep_cache_rows(cache, context_len - 1, rows)
             logits, h = logits[rows], None if h is None else h[rows]

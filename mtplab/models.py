@@ -186,8 +186,9 @@ def forward(model, ids: list, cache: DynamicCache, hidden: bool = False, logits:
     x = torch.tensor([ids], dtype=torch.long, device=model.device)
     extra = {}
     if tree is not None:
-        from .tree import tree_inputs
+        from .tree import check_cache, tree_inputs
 
+        check_cache(cache)
         impl = getattr(model.config, "_attn_implementation", None) or "eager"
         if impl not in ("sdpa", "eager"):
             raise NotImplementedError(f"tree drafts need a custom attention mask, which {impl!r} attention does not "

@@ -56,6 +56,11 @@ class Round:
         return len(self.draft_ids)
 
     @property
+    def verify_tokens(self) -> int:
+        """Tokens the round's verify pass read: the pending token and the draft, or every node of a tree."""
+        return 1 + (self.tree_nodes or self.num_drafted)
+
+    @property
     def emitted_ids(self) -> list:
         """Tokens this round added to the output, in order."""
         return list(self.draft_ids[: self.num_accepted]) + ([] if self.token_id is None else [self.token_id])

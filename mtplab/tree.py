@@ -73,10 +73,12 @@ def tree_inputs(tree: TokenTree, past: int, device=None):
     return positions[None].to(device), mask[None, None].to(device)
 
 
-def best_branch(tree: TokenTree, argmax: list) -> int:
-    """The branch that follows the target's greedy choices furthest (the first such branch on a tie).
+def best_branch(tree: TokenTree, argmax: list) -> tuple:
+    """``(branch, accepted)``: the branch that follows the target's greedy choices furthest (the first such branch on
+    a tie) and how many of its tokens do.
 
-    ``argmax[r]``: the target's greedy token after row r of the pass (row 0: the pending token, row i+1: node i)."""
+    ``argmax[r]``: the target's greedy token after row r of the pass (row 0: the pending token, row i+1: node i);
+    only the rows on the followed path are read."""
     def accepted(path):
         n = 0
         for node in path:
@@ -86,19 +88,25 @@ def best_branch(tree: TokenTree, argmax: list) -> int:
             n += 1
         return n
     scores = [accepted(path) for path in tree.branches]
-    return scores.index(max(scores))
+    return scores.index(max(scores)), max(scores)
 
 
-def keep_cache_rows(cache, start: int, rows: list) -> None:
-    """Keep the first ``start`` positions of every layer's KV cache, then only the given rows after them
-    (``rows`` counted from ``start``), in that order."""
+def check_cache(cache) -> None:
+    """Refuse, before a tree pass runs, a KV cache whose rows :func:`keep_cache_rows` cannot select (sliding-window
+    or other special layers)."""
     from transformers.cache_utils import DynamicLayer
 
-    index = None
     for layer in cache.layers:
         if type(layer) is not DynamicLayer:
             raise NotImplementedError(f"tree drafts need a plain full-attention KV cache, this target's has "
                                       f"{type(layer).__name__} layers: use a chain draft (no branches)")
+
+
+def keep_cache_rows(cache, start: int, rows: list) -> None:
+    """Keep the first ``start`` positions of every layer's KV cache, then only the given rows after them
+    (``rows`` counted from ``start``), in that order. (Plain full-attention layers: see :func:`check_cache`.)"""
+    index = None
+    for layer in cache.layers:
         if not layer.is_initialized or layer.keys.numel() == 0:
             continue
         if index is None or index.device != layer.keys.device:

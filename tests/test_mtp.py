@@ -260,11 +260,11 @@ def test_context_attention_reads_the_context():
         drafter.reset(ids)
         drafter.observe(rows, None)
         with torch.inference_mode():
-            states.append(drafter.step(h, ids[-1], drafter.context(ids)))
+            states.append(drafter.step(h[None], [ids[-1]], drafter.context(ids))[0])
     assert not torch.allclose(states[0], states[1])
     torch.nn.init.zeros_(drafter.head.attn.o.weight)
     with torch.inference_mode():
-        assert torch.allclose(drafter.step(h, 9, drafter.context([9, 9, 9, 9, 9, 9, 9, 8, 9])),
+        assert torch.allclose(drafter.step(h[None], [9], drafter.context([9, 9, 9, 9, 9, 9, 9, 8, 9]))[0],
                               drafter.head(h, drafter.embed(torch.tensor(9))))
 
 
@@ -294,12 +294,12 @@ def test_exact_distribution_mtp_with_context_attention(cfg):
     def q_first(ctx):
         h, context = seeded(ctx)
         with torch.inference_mode():
-            return sampling.probs(drafter.logits(drafter.step(h, ctx[-1], context)), cfg).double()
+            return sampling.probs(drafter.logits(drafter.step(h[None], [ctx[-1]], context)[0]), cfg).double()
 
     def q_next(ctx, x1):
         h, context = seeded(ctx)
         with torch.inference_mode():
-            s2 = drafter.step(drafter.step(h, ctx[-1], context), x1, context)
+            s2 = drafter.step(drafter.step(h[None], [ctx[-1]], context), [x1], context)[0]
             return sampling.probs(drafter.logits(s2), cfg).double()
 
     h, _ = seeded(CTX)  # the drafter's own q rows are the ones the enumeration assumes

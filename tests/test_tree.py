@@ -29,9 +29,9 @@ def test_build_tree_shares_prefixes():
     assert mask[0, 0, :, :3].all()  # every row sees the context
     assert mask[0, 0, 5, 3:].tolist() == [True, True, True, False, False, True, False, False, False]  # node 4 (20)
     # argmax per row (0: pending, i+1: node i): 10 after pending, 11 after 10, 20 after 11 -> branch 1 gets 3
-    assert best_branch(tree, [10, 11, 20, 0, 0, 0, 0, 0, 0]) == 1
-    assert best_branch(tree, [10, 40, 0, 0, 0, 0, 0, 0, 0]) == 3
-    assert best_branch(tree, [99] * 9) == 0  # nothing matches: the main draft
+    assert best_branch(tree, [10, 11, 20, 0, 0, 0, 0, 0, 0]) == (1, 3)
+    assert best_branch(tree, [10, 40, 0, 0, 0, 0, 0, 0, 0]) == (3, 2)
+    assert best_branch(tree, [99] * 9) == (0, 0)  # nothing matches: the main draft
 
 
 @pytest.mark.parametrize("seed,attention", [(0, "sdpa"), (1, "sdpa"), (0, "eager")])
@@ -94,6 +94,11 @@ def test_the_decoder_follows_the_branch_the_target_agrees_with(gamma):
     r = full[0]
     assert r.draft_ids == r.tree_branches[best] and len(r.tree_branches) == 3
     assert Trace.from_json(trace.to_json()).rounds[0].tree_branches == trace.rounds[0].tree_branches
+    # the round inspector lists a tree round's branches whatever the drafter (here not an MTP one)
+    from mtplab.widgets.inspector import RoundInspector
+    ins = RoundInspector()
+    ins.show(r, 0, trace)
+    assert f"<b>branch {best} ← verified</b>" in ins.costs.value and ins.mtp_view.layout.display == "none"
     # with sampling the branches are not used: the main draft is verified alone (and always rejected here)
     sampled = SpeculativeDecoder(target, OracleBranch(text), num_draft_tokens=gamma, temperature=0.0001)
     assert all(r.tree_branches == [] for r in sampled.generate(PROMPT, 10).rounds)
@@ -113,8 +118,9 @@ def test_greedy_mtp_tree_equals_plain(gamma, width, copy):
     # greedy_acceptance counts a tree round as the decoder does
     got = greedy_acceptance(target, drafter, [PROMPT], gammas=(gamma,), max_new_tokens=40)[gamma]
     assert got["mean_acceptance_length"] == pytest.approx(trace.metrics.mean_acceptance_length)
-    rows = [1 + (r.tree_nodes or r.num_drafted) for r in trace.rounds]
+    rows = [r.verify_tokens for r in trace.rounds]
     assert got["verify_tokens"] == pytest.approx(sum(rows) / len(rows))
+    assert max(rows) > 1 + gamma  # some passes read a tree, wider than any chain
 
 
 @pytest.mark.parametrize("cfg", [SamplingConfig(0.8), SamplingConfig(1.0, top_k=5)], ids=str)
@@ -129,6 +135,19 @@ def test_sampling_with_a_tree_drafter_is_the_chain(cfg):
     assert a.token_ids == b.token_ids
     assert [r.draft_ids for r in a.rounds] == [r.draft_ids for r in b.rounds]
     assert all(r.tree_nodes == 0 for r in b.rounds)
+
+
+def test_a_cache_the_tree_cannot_trim_is_refused_before_the_pass():
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    target = tiny()
+    cache = new_cache(target.model)
+    forward(target.model, [1, 2, 3, 4], cache)
+    cache.layers[0] = DynamicSlidingWindowLayer(sliding_window=4)
+    before = [layer.get_seq_length() for layer in cache.layers]
+    with pytest.raises(NotImplementedError, match="tree drafts need a plain full-attention KV cache"):
+        forward(target.model, [5, 6, 7], cache, tree=build_tree([[6, 7]]))
+    assert [layer.get_seq_length() for layer in cache.layers] == before  # nothing was fed
 
 
 def test_tree_settings_are_checked():
@@ -162,7 +181,7 @@ def test_shipped_mtp_tree_on_the_bundled_target(bundled):
     rnd = next(r for r in trace.rounds if r.tree_branch > 0 and r.num_accepted > 0)
     ins = RoundInspector()
     ins.show(rnd, 0, trace, bundled.token_text)
-    note = ins.mtp_note.value
+    note = ins.costs.value
     assert f"{rnd.tree_nodes} tree nodes" in note and f"{len(rnd.tree_branches)} branches" in note
     first = html.escape(repr(bundled.token_text(rnd.draft_ids[0])))
     assert f"<b>branch {rnd.tree_branch} ← verified</b>: <code>{first}</code>" in note

@@ -224,11 +224,10 @@ class MTPDrafter(Drafter):
             self._V = V if self._V is None else torch.cat([self._V, V], dim=-2)
         return self._K, self._V, torch.tensor(ids[:m], device=self._K.device)
 
-    def step(self, h, token, context) -> torch.Tensor:
-        """One drafting step: the head's next state from state ``h`` ``[H]`` and the embedding of ``token``; or, for
-        several drafts at once, states ``[B, H]`` and a list of B tokens."""
-        single = h.dim() == 1
-        tokens = torch.tensor([token] if single else list(token), device=h.device)
+    def step(self, h, tokens: list, context) -> torch.Tensor:
+        """One drafting step for B drafts at once: the head's next states from states ``h`` ``[B, H]`` and the
+        embeddings of ``tokens`` (B token ids)."""
+        tokens = torch.tensor(tokens, device=h.device)
         ctx = None
         if context is not None:
             K, V, memory_ids = context
@@ -236,8 +235,7 @@ class MTPDrafter(Drafter):
             match = (memory_ids[None] == tokens[:, None]).to(h.dtype)  # [B, m]: an induction / n-gram match
             distance = torch.arange(m - 1, -1, -1, device=h.device, dtype=h.dtype)[None]  # seed position m-1 minus j
             ctx = (K, V, match, distance, torch.ones(1, m, dtype=torch.bool, device=h.device))
-        s = self.head(h[None] if single else h, self.embed(tokens), ctx)
-        return s[0] if single else s
+        return self.head(h, self.embed(tokens), ctx)
 
     def propose(self, ids, k, cfg, generator, target_hidden=None) -> Draft:
         if target_hidden is None:
@@ -258,8 +256,8 @@ class MTPDrafter(Drafter):
                 seq.append(token)
                 if b == 0:
                     qs.append(q)
-            if tree and i == 0:  # tree: the head's other top first tokens start branches from the same state
-                for t in logits[0].topk(self.tree_width).indices.tolist() if self.tree_width > 1 else []:
+            if tree and i == 0 and self.tree_width > 1:  # the head's other top first tokens start branches
+                for t in logits[0].topk(self.tree_width).indices.tolist():  # from the same state
                     if t != seqs[0][-1]:
                         seqs.append(list(ids) + [t])
                         states = torch.cat([states, states[:1]])

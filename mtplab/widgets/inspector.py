@@ -2,8 +2,8 @@
 
 For rounds drafted by an MTP drafter (``round.draft_start_position`` is set) it adds an MTP view: which target
 position's hidden state seeded the draft, and the run's acceptance by draft position so far — how quickly the head's
-guesses fade as it feeds its own state back, step after step. Rounds verified as a token tree (``mtplab.tree``) also
-list their branches and the one the target followed.
+guesses fade as it feeds its own state back, step after step. Under the costs, rounds verified as a token tree
+(``mtplab.tree``, any drafter) list their branches and the one the target followed.
 """
 from __future__ import annotations
 
@@ -173,7 +173,8 @@ class RoundInspector(W.VBox):
             self.fig.data[1].update(x=labels if q else [], y=q or [])
             self.fig.data[2].update(x=labels if residual else [], y=residual or [])
         self.title.value = describe(rnd, pos)
-        self.costs.value = f"<small>{costs(rnd)}</small>"
+        tree = f"<br>{tree_note(rnd, token_text)}" if rnd.tree_branches else ""
+        self.costs.value = f"<small>{costs(rnd)}</small>{tree}"
         self._show_mtp(rnd, pos, trace, token_text)
 
     def _show_mtp(self, rnd, pos, trace, token_text) -> None:
@@ -183,8 +184,7 @@ class RoundInspector(W.VBox):
         self.mtp_note.value = mtp_note(rnd, trace, token_text) + (
             "<br><small>Below: how often each draft position was accepted in this run so far (position i accepted / "
             "rounds that drafted position i); the position you clicked is highlighted. Every step after the first starts "
-            "from the head's own output state instead of the target's.</small>") + (
-            "<br>" + tree_note(rnd, token_text) if rnd.tree_branches else "")
+            "from the head's own output state instead of the target's.</small>")
         rounds = list(trace.rounds) if trace is not None else [rnd]
         rounds = [r for r in rounds if r.draft_start_position is not None] or [rnd]
         rates, accepted, drafted = per_position_acceptance(rounds)
