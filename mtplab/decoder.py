@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from . import costs, theory
 from .drafters.base import Drafter
 from .models import Target, crop_cache, forward, new_cache
 from .sampling import SamplingConfig, check_sampling, probs, verify
@@ -21,8 +22,48 @@ from .trace import Round, Trace
 from .tree import best_branch, build_tree, keep_cache_rows
 
 MAX_DRAFT_TOKENS = 64
-SCHEDULES = ("constant", "heuristic")
+SCHEDULES = ("auto", "constant", "heuristic")
 TOP_CANDIDATES = 5
+
+
+class AutoDraftLength:
+    """``schedule="auto"``: before each round, the γ in 0..num_draft_tokens with the most expected tokens per second
+    (:func:`mtplab.theory.best_draft_length`), from this machine's measured verify curve v, the drafter's measured
+    cost c and the run's live conditional acceptance per position (accepted at i / rounds that reached i), each
+    starting from a prior of ``PRIOR_RATE`` worth ``PRIOR_ROUNDS`` rounds. γ = 0 is a plain step; after
+    ``PROBE_AFTER`` of those in a row it drafts once more, in case acceptance has changed."""
+
+    PRIOR_RATE, PRIOR_ROUNDS, PROBE_AFTER = 0.6, 2.0, 8
+
+    def __init__(self, verify_cost: dict, draft_cost: float):
+        self.verify_cost, self.draft_cost = verify_cost, draft_cost
+        self.accepted, self.reached = [], []
+        self.extra_nodes, self.plain_streak = 0.0, 0
+
+    def rates(self, n: int) -> list:
+        grow = max(0, n - len(self.reached))
+        self.accepted, self.reached = self.accepted + [0] * grow, self.reached + [0] * grow
+        prior = self.PRIOR_RATE * self.PRIOR_ROUNDS
+        return [(a + prior) / (r + self.PRIOR_ROUNDS) for a, r in zip(self.accepted[:n], self.reached[:n])]
+
+    def choose(self, max_gamma: int) -> tuple:
+        """``(γ, expected walltime factor)`` for the next round."""
+        rates = self.rates(max_gamma)
+        gamma, factor = theory.best_draft_length(rates, self.draft_cost, self.verify_cost, self.extra_nodes)
+        self.plain_streak = self.plain_streak + 1 if gamma == 0 else 0
+        if self.plain_streak > self.PROBE_AFTER:
+            self.plain_streak = 0
+            gamma, factor = theory.best_draft_length(rates, self.draft_cost, self.verify_cost, self.extra_nodes,
+                                                     allow_plain=False)
+        return gamma, factor
+
+    def observe(self, rnd: Round) -> None:
+        self.rates(rnd.num_drafted)
+        for i in range(min(rnd.num_drafted, rnd.num_accepted + 1)):  # positions this round reached
+            self.reached[i] += 1
+            self.accepted[i] += i < rnd.num_accepted
+        if rnd.tree_nodes:  # a tree pass reads more rows than the main draft: a running mean of how many more
+            self.extra_nodes += 0.2 * (rnd.tree_nodes - rnd.num_drafted - self.extra_nodes)
 
 
 class SpeculativeDecoder:
@@ -30,10 +71,13 @@ class SpeculativeDecoder:
 
     Settings (``num_draft_tokens``, ``schedule``, ``temperature``, ``top_k``, ``top_p``) are plain attributes,
     checked on assignment and read at the start of every round, so a live view can change them mid-stream.
+    ``schedule``: ``"auto"`` (default) chooses γ in 0..num_draft_tokens before every round from measured costs and
+    the live acceptance (:class:`AutoDraftLength`); ``"constant"`` drafts num_draft_tokens every round;
+    ``"heuristic"`` grows γ by 2 after a full accept and shrinks it by 1 otherwise, as transformers does.
     """
 
     def __init__(self, target: Target, drafter: Drafter | None = None, num_draft_tokens: int = 4,
-                 schedule: str = "constant", temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                 schedule: str = "auto", temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  record: bool = True):
         if not isinstance(target, Target):
             raise TypeError(f"target must be an mtplab Target (see mtplab.load_target), got {type(target).__name__}")
@@ -98,12 +142,18 @@ class SpeculativeDecoder:
                 f"{target.name}: at most {target.max_context} tokens"
             )
         self._stop = False
+        self._auto = None
+        if self.schedule == "auto" and self.drafter is not None:  # measured once per machine (cached), then read
+            self._auto = AutoDraftLength(costs.verify_curve(target), costs.draft_cost(self.drafter, target))
         self.trace = Trace(
             prompt=prompt if isinstance(prompt, str) else target.decode(prompt), prompt_ids=list(ids),
             config=dict(target=target.name, drafter=self.drafter_name, num_draft_tokens=self.num_draft_tokens,
                         schedule=self.schedule, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                         seed=seed, max_new_tokens=max_new_tokens),
         )
+        if self._auto is not None:
+            v = self._auto.verify_cost  # as a list (JSON keeps no int keys): verify_cost[γ] = v(γ)
+            self.trace.config.update(verify_cost=[v[g] for g in sorted(v)], draft_cost=self._auto.draft_cost)
         return self._rounds(ids, max_new_tokens, torch.Generator().manual_seed(seed))
 
     def _rounds(self, ids, max_new_tokens, gen):
@@ -139,13 +189,12 @@ class SpeculativeDecoder:
 
     def _round(self, ids, cache, gen, budget, hidden, index):
         target, drafter, cfg = self.target, self.drafter, self.sampling
-        if self.schedule == "constant" or self.num_draft_tokens != self._k_base:  # a new setting restarts the policy
-            self._k = self._k_base = self.num_draft_tokens
         context_len = len(ids)
 
         # 1. draft (never more than the budget allows: the target always adds one token of its own)
         t0 = time.perf_counter()
-        k = min(self._k, budget - 1)
+        k, expected = self._draft_length()
+        k = min(k, budget - 1)
         draft = drafter.propose(ids, k, cfg, gen, hidden) if drafter is not None and k > 0 else None
         tokens = [] if draft is None else list(draft.tokens[:k])
         q = None if draft is None or draft.q is None else draft.q[: len(tokens)]
@@ -178,8 +227,6 @@ class SpeculativeDecoder:
         if drafter is not None:
             drafter.rollback(context_len + n)
             drafter.observe(None if h is None else h[: n + 1], cache)
-        if self.schedule == "heuristic" and tokens:  # as transformers: +2 after a full accept, -1 otherwise
-            self._k = min(MAX_DRAFT_TOKENS, self._k + 2) if n == len(tokens) else max(1, self._k - 1)
         rnd = Round(
             index=index, context_len=context_len, drafter=self.drafter_name, num_draft_tokens=k,
             draft_ids=tokens, num_accepted=n, token_id=None if eos_at is not None else v.token,
@@ -189,14 +236,35 @@ class SpeculativeDecoder:
             drafter_cache_len=0 if drafter is None else drafter.cache_len,
             draft_start_position=None if draft is None else draft.start_position,
             tree_branches=[] if tree is None else [list(draft.tokens[:k])] + branches,
-            tree_branch=branch, tree_nodes=0 if tree is None else len(tree.tokens),
+            tree_branch=branch, tree_nodes=0 if tree is None else len(tree.tokens), expected_speedup=expected,
         )
+        self._learn(rnd)
         if self.record:
             self._record(rnd, p, q, v)
         t3 = time.perf_counter()
         rnd.draft_seconds, rnd.verify_seconds, rnd.bookkeeping_seconds = t1 - t0, t2 - t1, t3 - t2
         next_hidden = None if h is None else h[n]
         return rnd, next_hidden
+
+    # --- the draft-length policy: chosen before a round, taught by its outcome -----------------------------------
+    def _draft_length(self) -> tuple:
+        """``(γ, expected walltime factor or None)`` for the next round under the current schedule."""
+        if self.drafter is None:
+            return 0, None
+        if self.schedule == "auto":
+            if self._auto is None:  # switched to auto mid-run: the curve is cached; c estimated from the run so far
+                v = costs.verify_curve(self.target)
+                self._auto = AutoDraftLength(v, costs.draft_cost_from_rounds(self.trace.rounds, v))
+            return self._auto.choose(self.num_draft_tokens)
+        if self.schedule == "constant" or self.num_draft_tokens != self._k_base:  # a new setting restarts it
+            self._k = self._k_base = self.num_draft_tokens
+        return self._k, None
+
+    def _learn(self, rnd: Round) -> None:
+        if self._auto is not None:
+            self._auto.observe(rnd)
+        if self.schedule == "heuristic" and rnd.num_drafted:  # as transformers: +2 after a full accept, -1 otherwise
+            self._k = min(MAX_DRAFT_TOKENS, self._k + 2) if rnd.num_accepted == rnd.num_drafted else max(1, self._k - 1)
 
     def _record(self, rnd: Round, p, q, v) -> None:
         """Fill the parts of a Round that only views need (texts, candidate lists); skipped with record=False."""

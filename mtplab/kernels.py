@@ -1,56 +1,503 @@
-"""Few-token matrix products on the CPU — what makes a verify pass cheap.
+"""Few-row matrix products on the CPU, chosen by measurement on the machine mtplab runs on.
 
-Speculative decoding pays off because a target pass over k+1 tokens costs about as much as a pass over one: the
-weights are read from memory once either way. On this kind of CPU (MKL through ``torch.nn.functional.linear``)
-that is not what happens for small token counts: a pass over 2–5 tokens took 1.5–2× a one-token pass, because
-the GEMM kernel chosen for a handful of rows re-reads the weights. Computing the same product as
-``(W @ x.T).T`` — one pass over W per call, whatever the number of rows — brought a 5-token verify back to about
-1.1× a one-token step (measured on the bundled SmolLM2-135M, 2 threads).
+Speculative decoding pays because a target pass over k+1 tokens should cost about as much as a pass over one: a
+decoder step is memory-bound, and the weights are read once either way. Whether it does depends on the BLAS kernel
+the CPU gets for a product with a handful of rows, and that differs from machine to machine: one trick, ``(W @ x.T).T``,
+made a 5-token pass cost 1.1x a one-token pass on one Xeon and 2.0x on another. So nothing here is hard-coded.
 
-:func:`install` gives each ``nn.Linear`` of a model a forward that uses that product for CPU inputs of at most
-``MAX_ROWS`` tokens *while mtplab decodes* (inside :func:`enabled`); everywhere else (prefill, training,
-``model.generate`` called directly) the module runs transformers' usual ``F.linear``. The two agree to float
-rounding (≈1e-5 on the logits). Set ``MTPLAB_FAST_LINEAR=0`` to turn it off.
+**Candidates** (:data:`KERNELS`), all exact to float rounding (checked against ``F.linear`` when tuning):
+
+- ``linear``: ``F.linear`` as transformers calls it (MKL/oneDNN/OpenBLAS, whatever torch was built with);
+- ``mm_t``: ``(W @ x.T).T``, one GEMM call with the weight as the left operand;
+- ``stream``: mtplab's own C kernel (``mtplab/csrc/few_rows.c``), which reads each weight row once for all rows of
+  x; compiled once with the machine's C compiler, where there is one;
+- ``transposed``: ``x @ W_t`` with a contiguous transposed copy of the weight (extra memory);
+- ``mkl_packed``: MKL's packed-weight GEMM, where torch has it (extra memory).
+
+**Tuning** (:func:`tune`) runs real passes of the model over 1..16 tokens and times every ``nn.Linear`` call of each
+candidate inside them, so the weights come from memory as they do when decoding (a product timed alone, with its
+weight hot in the cache, misleads). The result is cached per machine (CPU model, torch version, threads) and shape
+in the user cache (``$MTPLAB_HOME/kernels``), so it runs once. :func:`plan` then picks, for every shape and row
+count, the fastest candidate; candidates that need a copy of the weight get one only where the measured gain is
+worth it, within :data:`COPY_BUDGET` of the model's memory.
+
+**Using it** is visible and scoped: inside ``with kernels.use(model):`` (mtplab's own ``models.forward`` enters
+it) the model's planned ``nn.Linear`` modules are switched to the subclass :class:`TunedLinear`, and switched back on
+exit. Outside that block the model is exactly the user's: ``generate``, ``save_pretrained`` and pickling see plain
+``nn.Linear`` modules and no extra attributes (plans and weight copies live in weak tables here).
+
+``MTPLAB_KERNELS=auto`` (default) tunes and uses the plan; ``MTPLAB_KERNELS=off`` uses ``F.linear`` everywhere.
 """
 from __future__ import annotations
 
-import contextvars
+import ctypes
+import hashlib
+import json
 import os
-import types
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import weakref
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-MAX_ROWS = 16
-_ACTIVE = contextvars.ContextVar("mtplab_fast_linear", default=False)
-
-
-def _few_token_linear(self, x: torch.Tensor) -> torch.Tensor:
-    rows = x.numel() // x.shape[-1]
-    if _ACTIVE.get() and rows <= MAX_ROWS and x.device.type == "cpu" and x.dtype == self.weight.dtype:
-        y = torch.mm(self.weight, x.reshape(rows, x.shape[-1]).T).T.contiguous()
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], y.shape[-1])
-    return F.linear(x, self.weight, self.bias)
+MAX_ROWS = 16  # row counts 1..MAX_ROWS are tuned; more rows (prefill, training) always run F.linear
+COPY_BUDGET = 0.30  # extra weight copies may add at most this share of the model's parameter memory
+SMALL_MODEL_BYTES = 16 << 20  # below this the weights sit in the CPU cache: nothing to gain, nothing is tuned
+MODES = ("auto", "off")
+FORMAT = 1  # bump when the candidates or the timing method change: old measurements are then ignored
 
 
-def install(model: torch.nn.Module) -> torch.nn.Module:
-    """Give every plain ``nn.Linear`` of ``model`` the few-token CPU path (idempotent; no-op when disabled)."""
-    if os.environ.get("MTPLAB_FAST_LINEAR", "1") == "0":
-        return model
-    for module in model.modules():
-        if type(module) is torch.nn.Linear:
-            module.forward = types.MethodType(_few_token_linear, module)
-    return model
+def mode() -> str:
+    """``MTPLAB_KERNELS``: ``auto`` (default) or ``off``; any other value is refused."""
+    value = os.environ.get("MTPLAB_KERNELS", "auto").strip().lower() or "auto"
+    if value not in MODES:
+        raise ValueError(f"MTPLAB_KERNELS must be one of {MODES}, got {os.environ.get('MTPLAB_KERNELS')!r}")
+    return value
+
+
+# --- the candidates ----------------------------------------------------------------------------------------------
+@dataclass
+class Kernel:
+    name: str
+    run: Callable  # (x [..., in] contiguous, weight [out, in], bias or None, extra) -> y [..., out]
+    prepare: Callable | None = None  # weight -> the extra tensor this kernel needs (a copy), or None
+    about: str = ""
+
+    @property
+    def copies(self) -> bool:
+        return self.prepare is not None
+
+
+def _linear(x, w, b, extra):
+    return F.linear(x, w, b)
+
+
+def _mm_t(x, w, b, extra):
+    y = torch.mm(w, x.view(-1, x.shape[-1]).t()).t().reshape(*x.shape[:-1], w.shape[0])
+    return y if b is None else y + b
+
+
+def _transposed(x, w, b, wt):
+    y = torch.matmul(x, wt)
+    return y if b is None else y + b
+
+
+def _mkl_prepare(w):
+    return torch.ops.mkl._mkl_reorder_linear_weight(w, MAX_ROWS)
+
+
+def _mkl_packed(x, w, b, packed):
+    x2 = x.view(-1, x.shape[-1])
+    return torch.ops.mkl._mkl_linear(x2, packed, w, b, x2.shape[0]).view(*x.shape[:-1], w.shape[0])
+
+
+_STREAM = None  # the compiled C kernel (a ctypes function), loaded on first use
+_STREAM_ERROR: str | None = None
+
+
+def _stream(x, w, b, extra):
+    y = torch.empty(*x.shape[:-1], w.shape[0], dtype=x.dtype)
+    _STREAM(x.data_ptr(), w.data_ptr(), y.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], w.shape[0],
+            torch.get_num_threads())
+    return y if b is None else y.add_(b)
+
+
+KERNELS = {
+    "linear": Kernel("linear", _linear, about="F.linear, as transformers calls it"),
+    "mm_t": Kernel("mm_t", _mm_t, about="(W @ x.T).T: one GEMM with the weight on the left"),
+    "stream": Kernel("stream", _stream, about="mtplab's C kernel: each weight row read once for all rows"),
+    "transposed": Kernel("transposed", _transposed, lambda w: w.t().contiguous(),
+                         about="x @ W_t with a transposed copy of the weight"),
+    "mkl_packed": Kernel("mkl_packed", _mkl_packed, _mkl_prepare, about="MKL's packed-weight GEMM"),
+}
+
+
+def unavailable(name: str) -> str | None:
+    """Why candidate ``name`` cannot run here (``None``: it can)."""
+    if name == "mkl_packed" and not (torch.backends.mkl.is_available()
+                                     and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")):
+        return "this torch has no MKL packed GEMM"
+    if name == "stream":
+        return _load_stream()
+    return None
+
+
+def _load_stream() -> str | None:
+    """Compile (once per machine and source) and load the C kernel; return why not, or None."""
+    global _STREAM, _STREAM_ERROR
+    if _STREAM is not None or _STREAM_ERROR is not None:
+        return _STREAM_ERROR
+    src = Path(__file__).parent / "csrc" / "few_rows.c"
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        _STREAM_ERROR = "no C compiler (cc, gcc or clang) on PATH"
+        return _STREAM_ERROR
+    flags = ["-O3", "-march=native", "-shared", "-fPIC"]
+    digest = hashlib.sha256(src.read_bytes() + " ".join([cc, *flags, machine_key()]).encode()).hexdigest()[:16]
+    lib = cache_dir() / f"few_rows-{digest}.so"
+    if not lib.exists():
+        lib.parent.mkdir(parents=True, exist_ok=True)
+        tmp = lib.with_suffix(f".{os.getpid()}.tmp")
+        for extra in (["-fopenmp"], []):  # without OpenMP it still works, on one thread (tuning then decides)
+            res = subprocess.run([cc, *flags, *extra, str(src), "-o", str(tmp)], capture_output=True, text=True)
+            if res.returncode == 0:
+                break
+        if res.returncode != 0:
+            _STREAM_ERROR = f"{cc} could not compile {src.name}: {res.stderr.strip()[-300:]}"
+            return _STREAM_ERROR
+        os.replace(tmp, lib)
+    try:
+        fn = ctypes.CDLL(str(lib)).mtplab_few_rows_linear
+    except OSError as e:
+        _STREAM_ERROR = f"could not load {lib}: {e}"
+        return _STREAM_ERROR
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_int]
+    fn.restype = None
+    _STREAM = fn
+    return None
+
+
+# --- where the measurements live ---------------------------------------------------------------------------------
+def cpu_model() -> str:
+    """The CPU's model name as /proc/cpuinfo (or the platform) gives it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _cpu_signature() -> str:
+    """CPU model plus family/model/stepping and flags: two CPUs sold under one name are still told apart."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
+        keep = [ln for ln in lines if ln.split(":")[0].strip() in ("model name", "cpu family", "model", "stepping", "flags")]
+        return "\n".join(keep)
+    except OSError:
+        return cpu_model()
+
+
+def machine_key() -> str:
+    """One key per CPU, torch build and thread count: measurements made under another key are not reused."""
+    raw = f"{_cpu_signature()}|torch {torch.__version__}|threads {torch.get_num_threads()}|format {FORMAT}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    from .models import cache_home
+
+    return Path(os.environ.get("MTPLAB_KERNEL_CACHE") or cache_home() / "kernels")
+
+
+def cache_file() -> Path:
+    return cache_dir() / f"{machine_key()}.json"
+
+
+_LOCK = threading.RLock()
+
+
+def load_measurements() -> dict:
+    """This machine's measurements: ``{"shapes": {shape_key: {kernel: [seconds per call at rows 1..16]}}, ...}``."""
+    try:
+        data = json.loads(cache_file().read_text())
+    except (OSError, ValueError):
+        data = {}
+    data.setdefault("cpu", cpu_model())
+    data.setdefault("torch", torch.__version__)
+    data.setdefault("threads", torch.get_num_threads())
+    data.setdefault("shapes", {})
+    data.setdefault("passes", {})
+    return data
+
+
+def save_measurements(data: dict) -> None:
+    path = cache_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def shape_key(module: nn.Linear) -> str:
+    w = module.weight
+    return f"{w.shape[0]}x{w.shape[1]}:{str(w.dtype).replace('torch.', '')}"
+
+
+def tunable(model: nn.Module) -> list:
+    """The ``nn.Linear`` modules whose products the plan may take over: float32, on the CPU, no other subclass."""
+    return [m for m in model.modules() if type(m) in (nn.Linear, TunedLinear)
+            and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+# --- the module swap -----------------------------------------------------------------------------------------------
+@dataclass
+class _Choice:
+    kernels: list  # kernels[rows - 1]: the Kernel for that row count
+    extra: dict = field(default_factory=dict)  # kernel name -> that kernel's copy of the weight
+    timings: dict | None = None  # tuning only: (kernel name, rows) -> [seconds, calls]
+
+
+_CHOICES: "weakref.WeakKeyDictionary[nn.Linear, _Choice]" = weakref.WeakKeyDictionary()
+_PLANS: "weakref.WeakKeyDictionary[nn.Module, Plan]" = weakref.WeakKeyDictionary()
+_ACTIVE: dict = {}  # id(module) -> how many open use() blocks include it
+
+
+class TunedLinear(nn.Linear):
+    """An ``nn.Linear`` that runs the kernel its plan chose for this shape and row count.
+
+    Modules are this class only inside :func:`use`, which also hands each one its choice (``_mtplab_choice``) and
+    takes both back on exit, so the module is then exactly as it was."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        choice = self.__dict__.get("_mtplab_choice")
+        rows = x.numel() // x.shape[-1] if x.dim() else 0
+        if (choice is None or not 0 < rows <= MAX_ROWS or not x.is_cpu or x.dtype != self.weight.dtype
+                or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
+            return F.linear(x, self.weight, self.bias)
+        kernel = choice.kernels[rows - 1]
+        x = x.contiguous()
+        if choice.timings is None:
+            return kernel.run(x, self.weight, self.bias, choice.extra.get(kernel.name))
+        t0 = time.perf_counter()  # tuning: time each call inside a real pass
+        y = kernel.run(x, self.weight, self.bias, choice.extra.get(kernel.name))
+        cell = choice.timings.setdefault((kernel.name, rows), [0.0, 0])
+        cell[0] += time.perf_counter() - t0
+        cell[1] += 1
+        return y
 
 
 @contextmanager
-def enabled():
-    """Use the few-token path for installed modules within this block (this thread / context only)."""
-    token = _ACTIVE.set(True)
+def use(model: nn.Module):
+    """Run ``model``'s planned linears with their chosen kernels inside this block (a no-op without a plan).
+
+    Re-entrant and counted per module (a layer-skip drafter shares the target's modules). While a block is open
+    the swap is visible to every thread that calls this model (they get the same, equally exact kernels)."""
+    plan = _PLANS.get(model)
+    if plan is None:
+        yield
+        return
+    with _LOCK:
+        for m in plan.modules:
+            depth = _ACTIVE[id(m)] = _ACTIVE.get(id(m), 0) + 1
+            if depth == 1:
+                m.__dict__["_mtplab_choice"] = _CHOICES.get(m)
+                m.__class__ = TunedLinear
     try:
         yield
     finally:
-        _ACTIVE.reset(token)
+        with _LOCK:
+            for m in plan.modules:
+                _ACTIVE[id(m)] -= 1
+                if _ACTIVE[id(m)] == 0:
+                    del _ACTIVE[id(m)]
+                    m.__class__ = nn.Linear
+                    m.__dict__.pop("_mtplab_choice", None)
+
+
+# --- measuring and planning -----------------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    """What :func:`apply` decided for one model: per shape and row count the kernel, and the extra memory used."""
+    modules: list
+    choices: dict  # shape key -> [kernel name for rows 1..MAX_ROWS]
+    copies: dict  # shape key -> the copying kernel given weight copies there
+    extra_bytes: int = 0
+    model_bytes: int = 0
+
+    def describe(self) -> str:
+        lines = []
+        for shape, names in sorted(self.choices.items()):
+            runs, start = [], 0
+            for i in range(1, len(names) + 1):
+                if i == len(names) or names[i] != names[start]:
+                    runs.append(f"{start + 1}" + (f"-{i}" if i > start + 1 else "") + f": {names[start]}")
+                    start = i
+            lines.append(f"{shape:>16}  " + ", ".join(runs))
+        lines.append(f"extra weight copies: {self.extra_bytes / 2**20:.0f} MiB "
+                     f"({self.extra_bytes / max(1, self.model_bytes):.0%} of the model, budget {COPY_BUDGET:.0%})")
+        return "\n".join(lines)
+
+
+def tune(model: nn.Module, run_pass: Callable[[int], None], reps: int = 3, rows=range(1, MAX_ROWS + 1),
+         progress: bool = True, force: bool = False) -> dict:
+    """Measure every available candidate on every shape of ``model`` not measured yet on this machine.
+
+    ``run_pass(n)`` runs one real forward of ``model`` over ``n`` tokens (appending to a KV cache and rolling it
+    back); the linears are timed inside it, so their weights come from memory as when decoding. Copying candidates
+    are timed on a sample of each shape's modules whose copies fit in the copy budget. Returns (and caches) this
+    machine's measurements."""
+    from tqdm.auto import tqdm
+
+    rows = list(rows)
+    with _LOCK:
+        data = load_measurements()
+        mods = tunable(model)
+        todo = sorted({shape_key(m) for m in mods if force or shape_key(m) not in data["shapes"]})
+        if not todo:
+            return data
+        names = [n for n in KERNELS if unavailable(n) is None]
+        data["unavailable"] = {n: unavailable(n) for n in KERNELS if unavailable(n) is not None}
+        groups = {s: [m for m in mods if shape_key(m) == s] for s in todo}
+        for name in names:
+            for group in groups.values():
+                _check_exact(KERNELS[name], group[0])
+        samples = _samples(groups, COPY_BUDGET * parameter_bytes(model))
+        saved = {m: _CHOICES.pop(m, None) for m in mods}
+        times = {}
+        bar = tqdm(total=reps * len(rows) * len(names), desc="Tuning kernels for this CPU", unit="pass",
+                   disable=not progress)
+        try:
+            _PLANS[model] = Plan(list(mods), {}, {})
+            for _ in range(reps):
+                for name in names:
+                    kernel, cells = KERNELS[name], {s: {} for s in todo}
+                    for s in todo:
+                        for m in samples[s] if kernel.copies else groups[s]:
+                            extra = {name: kernel.prepare(m.weight.detach())} if kernel.copies else {}
+                            _CHOICES[m] = _Choice([kernel] * MAX_ROWS, extra, cells[s])
+                    for n in rows:
+                        with torch.inference_mode(), use(model):
+                            run_pass(n)
+                        for s, cell in cells.items():
+                            secs, calls = cell.get((name, n), (0.0, 0))
+                            if calls:
+                                times.setdefault((s, name, n), []).append(secs / calls)
+                        bar.update()
+                    for m in mods:  # drop this candidate's copies before the next one makes its own
+                        _CHOICES.pop(m, None)
+        finally:
+            bar.close()
+            _PLANS.pop(model, None)
+            for m, choice in saved.items():
+                if choice is not None:
+                    _CHOICES[m] = choice
+        for s in todo:
+            data["shapes"][s] = {name: [statistics.median(times[s, name, n]) if (s, name, n) in times else None
+                                        for n in range(1, MAX_ROWS + 1)]
+                                 for name in names if any((s, name, n) in times for n in rows)}
+        save_measurements(data)
+        return data
+
+
+def _samples(groups: dict, budget: float) -> dict:
+    """For the copying candidates: evenly spaced modules of each shape whose copies together fit in ``budget``
+    (the largest shapes first, so a big LM head is still measured)."""
+    out, left = {}, budget
+    order = sorted(groups, key=lambda s: -groups[s][0].weight.numel())
+    for i, s in enumerate(order):
+        group = groups[s]
+        per = group[0].weight.numel() * group[0].weight.element_size()
+        take = min(len(group), int(left / (len(order) - i) // per)) or (1 if per <= left else 0)
+        out[s] = group[:: max(1, len(group) // take)][:take] if take else []
+        left -= per * len(out[s])
+    return out
+
+
+def _check_exact(kernel: Kernel, m: nn.Linear) -> None:
+    """Refuse a candidate whose output differs from F.linear by more than float rounding."""
+    w = m.weight.detach()
+    with torch.no_grad():
+        extra = kernel.prepare(w) if kernel.copies else None
+        for n in (1, 3, MAX_ROWS):
+            x = torch.randn(n, w.shape[1], dtype=w.dtype)
+            got, want = kernel.run(x, w, None, extra), F.linear(x, w)
+            tol = 1e-4 * max(1.0, float(want.abs().max()))
+            if not torch.allclose(got, want, rtol=1e-4, atol=tol):
+                raise RuntimeError(f"kernel {kernel.name!r} disagrees with F.linear on {shape_key(m)} at {n} rows: "
+                                   f"max difference {float((got - want).abs().max()):.2e}")
+
+
+def apply(model: nn.Module, data: dict | None = None, budget: float = COPY_BUDGET) -> Plan | None:
+    """Give ``model`` a plan from this machine's measurements: the fastest kernel per shape and row count; weight
+    copies only for the shapes where they gain the most time per byte, within ``budget`` x the model's memory."""
+    data = load_measurements() if data is None else data
+    mods = tunable(model)
+    usable = {k for k in KERNELS if unavailable(k) is None}  # (loads the C kernel when a plan uses it)
+    measured = {s: {k: v for k, v in t.items() if k in usable}
+                for s, t in data["shapes"].items() if any(shape_key(m) == s for m in mods)}
+    if not measured:
+        return None
+    counts = {s: sum(shape_key(m) == s for m in mods) for s in measured}
+    model_bytes = parameter_bytes(model)
+
+    def best(times: dict, allowed) -> list:
+        out = []
+        for i in range(MAX_ROWS):
+            options = [(times[k][i], k) for k in allowed if times.get(k) and times[k][i] is not None]
+            out.append(min(options)[1] if options else "linear")
+        return out
+
+    def total(times, names, upto=8):  # seconds per decode-sized pass (rows 1..upto) with these choices
+        return sum(times[k][i] for i, k in enumerate(names[:upto]) if times.get(k) and times[k][i] is not None)
+
+    plain = {s: best(t, [k for k in t if not KERNELS[k].copies]) for s, t in measured.items()}
+    offers = []  # (gain per byte, shape, copying kernel, bytes)
+    for s, t in measured.items():
+        per = next(m.weight.numel() * m.weight.element_size() for m in mods if shape_key(m) == s)
+        for k in t:
+            if KERNELS[k].copies:
+                names = best(t, [n for n in t if not KERNELS[n].copies] + [k])
+                gain = (total(t, plain[s]) - total(t, names)) * counts[s]
+                if gain > 0:
+                    offers.append((gain / (per * counts[s]), s, k, per * counts[s]))
+    choices, copies, used = dict(plain), {}, 0
+    for _, s, k, size in sorted(offers, reverse=True):
+        if s not in copies and used + size <= budget * model_bytes:
+            copies[s], used = k, used + size
+            choices[s] = best(measured[s], [n for n in measured[s] if not KERNELS[n].copies] + [k])
+    for m in mods:
+        s = shape_key(m)
+        if m in _CHOICES and _CHOICES[m].timings is None:  # shared with a model planned before (layer skip)
+            continue
+        if s in choices:
+            names = choices[s]
+            extra = {copies[s]: KERNELS[copies[s]].prepare(m.weight.detach())} if s in copies else {}
+            _CHOICES[m] = _Choice([KERNELS[n] for n in names], extra)
+    plan = Plan([m for m in mods if shape_key(m) in choices], choices, copies, used, model_bytes)
+    _PLANS[model] = plan
+    return plan
+
+
+def plan_of(model: nn.Module) -> Plan | None:
+    return _PLANS.get(model)
+
+
+def forget(model: nn.Module) -> None:
+    """Drop ``model``'s plan (and its weight copies): it runs F.linear everywhere again."""
+    plan = _PLANS.pop(model, None)
+    for m in plan.modules if plan else []:
+        _CHOICES.pop(m, None)
+
+
+def prepare(model: nn.Module, run_pass: Callable[[int], None], progress: bool = True) -> Plan | None:
+    """Tune (once per machine and shape) and apply a plan to ``model``, unless ``MTPLAB_KERNELS=off`` or the model is
+    so small that its weights stay in the CPU cache (then there is nothing to gain)."""
+    if mode() == "off" or not tunable(model):
+        return None
+    if sum(m.weight.numel() * m.weight.element_size() for m in tunable(model)) < SMALL_MODEL_BYTES:
+        return None
+    if model in _PLANS:
+        return _PLANS[model]
+    return apply(model, tune(model, run_pass, progress=progress))

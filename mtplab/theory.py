@@ -72,8 +72,35 @@ def best_gamma(alpha: float, c: float, verify_cost: VerifyCost = None, max_gamma
     return max(range(1, max_gamma + 1), key=lambda g: walltime_factor(alpha, g, c, verify_cost))
 
 
-def speedup_curve(alpha: float, c: float, gammas: Sequence[int] = range(1, 9), verify_cost: VerifyCost = None):
-    return [(g, walltime_factor(alpha, g, c, verify_cost)) for g in gammas]
+def expected_tokens_per_round_by_position(rates: Sequence[float]) -> float:
+    """Tokens one round yields when drafted position i is accepted with conditional probability ``rates[i]`` (given
+    that every earlier position was): 1 + a₁ + a₁a₂ + … (with every aᵢ = α this is E(α, γ))."""
+    total, reach = 1.0, 1.0
+    for a in rates:
+        if not 0 <= a <= 1:
+            raise ValueError(f"acceptance rates must be in [0, 1], got {a!r}")
+        reach *= a
+        total += reach
+    return total
+
+
+def best_draft_length(rates: Sequence[float], c: float, verify_cost: VerifyCost = None, extra_nodes: float = 0.0,
+                      allow_plain: bool = True) -> tuple:
+    """``(γ, expected walltime factor)`` for the γ in 0..len(rates) that maximises tokens per unit time,
+    E(rates[:γ]) / (γ·c + v(γ + extra_nodes)): γ = 0 is a plain step (factor 1), chosen when no draft pays
+    (``allow_plain=False``: the best γ ≥ 1). ``extra_nodes``: tree nodes a verify pass reads beyond the γ of the
+    main draft."""
+    _check(0.0, None, c)
+    best = (0, 1.0) if allow_plain or not rates else (0, float("-inf"))
+    for g in range(1, len(rates) + 1):
+        width = g + extra_nodes
+        lo = int(width)
+        cost = verify_cost_of(verify_cost, lo) if width == lo else (
+            verify_cost_of(verify_cost, lo) * (lo + 1 - width) + verify_cost_of(verify_cost, lo + 1) * (width - lo))
+        factor = expected_tokens_per_round_by_position(rates[:g]) / (g * c + cost)
+        if factor > best[1]:
+            best = (g, factor)
+    return best
 
 
 def alpha_from_acceptance_length(mean_length: float, gamma: int) -> float:

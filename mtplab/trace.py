@@ -50,6 +50,7 @@ class Round:
     tree_branches: list = field(default_factory=list)  # tree drafts: every branch offered, main draft first ([]: chain)
     tree_branch: int = 0  # ... the one verified (the one the target's greedy choices followed furthest): draft_ids
     tree_nodes: int = 0  # ... the tree's node count: the verify pass read tree_nodes + 1 tokens
+    expected_speedup: float | None = None  # schedule="auto": the walltime factor it expected of this γ (None: other)
 
     @property
     def num_drafted(self) -> int:

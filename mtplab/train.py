@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .drafters.mtp import MTPDrafter, MTPHead
+from .models import last_hidden
 
 TOP_K = 16
 
@@ -37,10 +38,11 @@ def collect_features(target, sequences, block_size: int = 256, progress: bool = 
     out = {"hidden": [], "tokens": [], "top_ids": [], "top_probs": []}
     for block in tqdm(blocks, desc="target features", unit="block", disable=not progress):
         x = torch.tensor([block], device=model.device)
-        o = model(input_ids=x, output_hidden_states=True)
+        with last_hidden(model) as got:
+            o = model(input_ids=x, **got.kwargs)
         p = torch.softmax(o.logits[0].float(), dim=-1)
         top = torch.topk(p, TOP_K, dim=-1)
-        out["hidden"].append(o.hidden_states[-1][0].to(torch.float16).cpu())
+        out["hidden"].append(got.hidden(o)[0].to(torch.float16).cpu())
         out["tokens"].append(x[0].to(torch.int32).cpu())
         out["top_ids"].append(top.indices.to(torch.int32).cpu())
         out["top_probs"].append(top.values.to(torch.float16).cpu())
@@ -265,12 +267,13 @@ def _pad_batch(batch, pad: int, device):
 def _teacher(model, ids, mask, vocab_ids):
     """The target's last hidden states and its next-token distribution restricted (and renormalised) to the draft
     vocabulary, plus whether its argmax lies in that vocabulary."""
-    o = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    with last_hidden(model) as got:
+        o = model(input_ids=ids, attention_mask=mask, **got.kwargs)
     p = torch.softmax(o.logits.float(), dim=-1)
     top = p.argmax(-1)
     if vocab_ids is not None:
         p = p[..., vocab_ids]
-    return o.hidden_states[-1].float(), p / p.sum(-1, keepdim=True).clamp_min(1e-8), top
+    return got.hidden(o).float(), p / p.sum(-1, keepdim=True).clamp_min(1e-8), top
 
 
 def _sequence_loss(head, embed, lm_head_t, vocab_map, hidden, ids, answer, p, top, unroll, weights):

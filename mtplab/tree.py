@@ -96,8 +96,10 @@ def check_cache(cache) -> None:
     or other special layers)."""
     from transformers.cache_utils import DynamicLayer
 
+    from .models import GrowingLayer
+
     for layer in cache.layers:
-        if type(layer) is not DynamicLayer:
+        if type(layer) not in (DynamicLayer, GrowingLayer):
             raise NotImplementedError(f"tree drafts need a plain full-attention KV cache, this target's has "
                                       f"{type(layer).__name__} layers: use a chain draft (no branches)")
 

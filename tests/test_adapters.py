@@ -189,7 +189,7 @@ def test_gemma4_matches_transformers(seed, k):
     n = 30
     want = hf_plain(target, PROMPT, n)
     trace = SpeculativeDecoder(mtplab.Target(target), mtplab.Gemma4AssistantDrafter(assistant),
-                               num_draft_tokens=k).generate(PROMPT, max_new_tokens=n)
+                               num_draft_tokens=k, schedule="constant").generate(PROMPT, max_new_tokens=n)
     assert trace.token_ids == want
     hf_tokens, _, _ = hf_assisted(target, PROMPT, n, SinglePositionMultiTokenCandidateGenerator, assistant_model=assistant)
     assert hf_tokens == want
@@ -210,7 +210,7 @@ def test_gemma4_past_the_sliding_window(kv_shared_layers):
     target, assistant = gemma4_pair(seed=0, window=8, kv_shared_layers=kv_shared_layers)
     want = hf_plain(target, PROMPT, 40)
     trace = SpeculativeDecoder(mtplab.Target(target), mtplab.Gemma4AssistantDrafter(assistant),
-                               num_draft_tokens=4).generate(PROMPT, max_new_tokens=40)
+                               num_draft_tokens=4, schedule="constant").generate(PROMPT, max_new_tokens=40)
     assert trace.token_ids == want
     assert trace.metrics.accepted > 0
     assert trace.rounds[-1].target_cache_len == len(PROMPT) + 40 - 1
@@ -256,7 +256,7 @@ def test_gemma4_sampling_follows_the_target():
     target, assistant = gemma4_pair(seed=1, vocab=v, sparse_head=True)
     cfg = SamplingConfig(1.0, top_k=6)
     ctx = PROMPT[:5]
-    dec = SpeculativeDecoder(mtplab.Target(target), mtplab.Gemma4AssistantDrafter(assistant), num_draft_tokens=2,
+    dec = SpeculativeDecoder(mtplab.Target(target), mtplab.Gemma4AssistantDrafter(assistant), num_draft_tokens=2, schedule="constant",
                              temperature=cfg.temperature, top_k=cfg.top_k, record=False)
     n = 600
     counts = torch.zeros(v * v)
@@ -288,7 +288,7 @@ def test_builtin_mtp_matches_transformers(deepseek, num_mtp_layers):
     hf_tokens, drafts, accepted = hf_assisted(model, PROMPT, n, MTPCandidateGenerator, use_mtp=True)
     assert hf_tokens == want
     drafter = mtplab.BuiltinMTPDrafter()
-    trace = SpeculativeDecoder(mtplab.Target(model), drafter, num_draft_tokens=num_mtp_layers).generate(PROMPT, n)
+    trace = SpeculativeDecoder(mtplab.Target(model), drafter, num_draft_tokens=num_mtp_layers, schedule="constant").generate(PROMPT, n)
     assert trace.token_ids == want
     assert_same_rounds(trace, drafts, accepted)
     assert trace.metrics.accepted > 0 and max(r.num_accepted for r in trace.rounds) == num_mtp_layers
@@ -303,7 +303,7 @@ def test_builtin_mtp_drafts_as_if_from_scratch(deepseek, gamma):
     always drafts num_mtp_layers tokens): the second layer's newest rows then come from a draft nobody verified."""
     model = deepseek[2]
     target = mtplab.Target(model)
-    trace = SpeculativeDecoder(target, mtplab.BuiltinMTPDrafter(), num_draft_tokens=gamma).generate(PROMPT, 30)
+    trace = SpeculativeDecoder(target, mtplab.BuiltinMTPDrafter(), num_draft_tokens=gamma, schedule="constant").generate(PROMPT, 30)
     assert trace.token_ids == hf_plain(model, PROMPT, 30) and trace.metrics.accepted > 0
     fresh = mtplab.BuiltinMTPDrafter()
     fresh.bind(target)
@@ -334,7 +334,7 @@ class Recorder(mtplab.PromptLookupDrafter):
 def test_observe_gets_every_final_hidden_state_once():
     target = tiny()
     drafter = Recorder()
-    trace = SpeculativeDecoder(target, drafter, num_draft_tokens=3).generate(PROMPT, max_new_tokens=20)
+    trace = SpeculativeDecoder(target, drafter, num_draft_tokens=3, schedule="constant").generate(PROMPT, max_new_tokens=20)
     rows = [m for m, _ in drafter.seen]
     assert rows == [len(PROMPT) - 1] + [r.num_accepted + 1 for r in trace.rounds]
     assert [c for _, c in drafter.seen] == list(torch.tensor(rows).cumsum(0))  # the cache holds exactly those
@@ -358,7 +358,7 @@ def test_load_pair_from_local_folders(tmp_path, monkeypatch):
     assistant.save_pretrained(tmp_path / "gemma-assistant")  # Google's naming: <target>-assistant
     t, drafter = mtplab.load_pair(str(tmp_path / "gemma"))
     assert isinstance(drafter, mtplab.Gemma4AssistantDrafter)
-    trace = SpeculativeDecoder(t, drafter, num_draft_tokens=3).generate("t1 t2 t3 t4 t5 t6 t1 t2 t3", 20)
+    trace = SpeculativeDecoder(t, drafter, num_draft_tokens=3, schedule="constant").generate("t1 t2 t3 t4 t5 t6 t1 t2 t3", 20)
     assert trace.token_ids == hf_plain(target, PROMPT, 20)
 
     pattern = deepseek_with_mtp(tmp_path / "deepseek", 1)
@@ -366,7 +366,7 @@ def test_load_pair_from_local_folders(tmp_path, monkeypatch):
     monkeypatch.setattr(DeepseekV3ForCausalLM, "_keys_to_ignore_on_load_unexpected", pattern)
     t, drafter = mtplab.load_pair(tmp_path / "deepseek")
     assert isinstance(drafter, mtplab.BuiltinMTPDrafter) and drafter.num_layers == 1
-    trace = SpeculativeDecoder(t, drafter, num_draft_tokens=1).generate("t1 t2 t3 t4 t5 t6 t1 t2 t3", 20)
+    trace = SpeculativeDecoder(t, drafter, num_draft_tokens=1, schedule="constant").generate("t1 t2 t3 t4 t5 t6 t1 t2 t3", 20)
     assert trace.token_ids == hf_plain(t.model, PROMPT, 20)
 
 

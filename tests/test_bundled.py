@@ -45,12 +45,12 @@ def drafters(bundled):
 @pytest.mark.parametrize("name", ["prompt-lookup", "layer-skip", "draft-model"])
 def test_greedy_speculative_equals_plain(bundled, plain, drafters, name, gamma):
     for prompt, (ours, hf) in plain.items():
-        trace = SpeculativeDecoder(bundled, drafters[name], num_draft_tokens=gamma).generate(prompt, max_new_tokens=N)
+        trace = SpeculativeDecoder(bundled, drafters[name], num_draft_tokens=gamma, schedule="constant").generate(prompt, max_new_tokens=N)
         assert trace.token_ids == ours == hf, f"{name} γ={gamma} on {prompt!r}"
 
 
 def test_prompt_lookup_accepts_copies_and_records_text(bundled):
-    trace = SpeculativeDecoder(bundled, mtplab.PromptLookupDrafter(), num_draft_tokens=4).generate(PROMPTS[0], N)
+    trace = SpeculativeDecoder(bundled, mtplab.PromptLookupDrafter(), num_draft_tokens=4, schedule="constant").generate(PROMPTS[0], N)
     m = trace.metrics
     assert m.mean_acceptance_length > 1.3 and m.accepted > 5
     assert "quick brown fox" in trace.text
@@ -60,7 +60,7 @@ def test_prompt_lookup_accepts_copies_and_records_text(bundled):
 
 
 def test_sampled_run_on_bundled_model(bundled):
-    dec = SpeculativeDecoder(bundled, mtplab.LayerSkipDrafter(bundled, exit_layer=10), num_draft_tokens=3,
+    dec = SpeculativeDecoder(bundled, mtplab.LayerSkipDrafter(bundled, exit_layer=10), num_draft_tokens=3, schedule="constant",
                              temperature=0.7, top_p=0.95)
     a = dec.generate("Once upon a time", max_new_tokens=24, seed=1, chat_template=False)
     b = dec.generate("Once upon a time", max_new_tokens=24, seed=1, chat_template=False)

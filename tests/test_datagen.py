@@ -91,7 +91,7 @@ def test_shipped_drafter_is_exact_and_accepts_on_held_out_prompts(bundled):
     want = [plain.generate(p, 40).token_ids for p in prompts]
     lengths = {}
     for d in (drafter, head_only):
-        dec = SpeculativeDecoder(bundled, d, num_draft_tokens=4)
+        dec = SpeculativeDecoder(bundled, d, num_draft_tokens=4, schedule="constant")
         runs = []
         for p, w in zip(prompts, want):
             t = dec.generate(p, 40)
@@ -116,7 +116,7 @@ def test_shipped_drafter_samples_from_the_target(bundled):
     ids = bundled.encode(prompt)
     with torch.inference_mode():
         p = probs(bundled.model(torch.tensor([ids])).logits[0, -1], SamplingConfig(0.7)).double()
-    dec = SpeculativeDecoder(bundled, mtplab.load_drafter("mtp", bundled), num_draft_tokens=3, temperature=0.7,
+    dec = SpeculativeDecoder(bundled, mtplab.load_drafter("mtp", bundled), num_draft_tokens=3, schedule="constant", temperature=0.7,
                              record=False)
     n, counts = 160, {}
     for seed in range(n):  # 4 new tokens: the first round drafts 3 (a 1-token budget would draft none)

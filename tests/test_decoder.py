@@ -43,7 +43,7 @@ def test_greedy_equals_plain_for_every_drafter(seed, gamma):
         hf = target.model.generate(torch.tensor([PROMPT]), max_new_tokens=40, do_sample=False, min_new_tokens=40)
     assert hf[0, len(PROMPT):].tolist() == want
     for name, drafter in drafters_for(target).items():
-        trace = SpeculativeDecoder(target, drafter, num_draft_tokens=gamma).generate(PROMPT, max_new_tokens=40)
+        trace = SpeculativeDecoder(target, drafter, num_draft_tokens=gamma, schedule="constant").generate(PROMPT, max_new_tokens=40)
         assert trace.token_ids == want, f"{name}: {gap_report(target, PROMPT, trace.token_ids, want)}"
         assert len(trace.token_ids) == 40 and trace.stop_reason == "max_new_tokens"
         assert all(r.num_drafted <= gamma for r in trace.rounds)
@@ -52,13 +52,13 @@ def test_greedy_equals_plain_for_every_drafter(seed, gamma):
 def test_layer_skip_and_truncated_copy_accept_something():
     target = tiny(seed=0, num_layers=4)
     for drafter in (mtplab.LayerSkipDrafter(target, exit_layer=3), mtplab.DraftModelDrafter(mtplab.truncated_copy(target, 3))):
-        m = SpeculativeDecoder(target, drafter, num_draft_tokens=3).generate(PROMPT, max_new_tokens=40).metrics
+        m = SpeculativeDecoder(target, drafter, num_draft_tokens=3, schedule="constant").generate(PROMPT, max_new_tokens=40).metrics
         assert m.accepted > 0 and m.mean_acceptance_length > 1
 
 
 def test_round_records_are_consistent():
     target = tiny()
-    trace = SpeculativeDecoder(target, mtplab.DraftModelDrafter(tiny(seed=7).model), num_draft_tokens=3,
+    trace = SpeculativeDecoder(target, mtplab.DraftModelDrafter(tiny(seed=7).model), num_draft_tokens=3, schedule="constant",
                                temperature=0.8).generate(PROMPT, max_new_tokens=30, seed=4)
     ctx = len(PROMPT)
     for r in trace.rounds:
@@ -90,7 +90,7 @@ def test_round_records_are_consistent():
 
 def test_same_seed_same_trace_and_json_round_trip():
     target = tiny()
-    dec = SpeculativeDecoder(target, mtplab.DraftModelDrafter(tiny(seed=7).model), num_draft_tokens=4,
+    dec = SpeculativeDecoder(target, mtplab.DraftModelDrafter(tiny(seed=7).model), num_draft_tokens=4, schedule="constant",
                              temperature=1.0, top_k=20, top_p=0.9)
     a = dec.generate(PROMPT, max_new_tokens=30, seed=11)
     b = dec.generate(PROMPT, max_new_tokens=30, seed=11)
@@ -106,7 +106,7 @@ def test_same_seed_same_trace_and_json_round_trip():
 def test_rollback_leaves_caches_equal_to_fresh_prefill():
     target = tiny()
     drafter = mtplab.DraftModelDrafter(tiny(seed=7).model)
-    dec = SpeculativeDecoder(target, drafter, num_draft_tokens=5, temperature=1.0)
+    dec = SpeculativeDecoder(target, drafter, num_draft_tokens=5, schedule="constant", temperature=1.0)
     stream = dec.stream(PROMPT, max_new_tokens=25, seed=3)
     seen = [next(stream) for _ in range(4)]
     assert any(r.num_accepted < r.num_drafted for r in seen), "want at least one rollback to check"
@@ -130,7 +130,7 @@ def test_rollback_leaves_caches_equal_to_fresh_prefill():
 
 def test_settings_change_between_rounds_and_heuristic_schedule():
     target = tiny()
-    dec = SpeculativeDecoder(target, mtplab.LayerSkipDrafter(target, exit_layer=1), num_draft_tokens=2)
+    dec = SpeculativeDecoder(target, mtplab.LayerSkipDrafter(target, exit_layer=1), num_draft_tokens=2, schedule="constant")
     ks = []
     for r in dec.stream(PROMPT, max_new_tokens=40):
         ks.append(r.num_draft_tokens)
@@ -164,14 +164,14 @@ def test_accepted_eos_ends_the_run():
     target.eos_token_ids = {eos}
     cut = want[: want.index(eos) + 1]
     for drafter in (None, mtplab.PromptLookupDrafter(), mtplab.LayerSkipDrafter(target, exit_layer=1)):
-        trace = SpeculativeDecoder(target, drafter, num_draft_tokens=7).generate(PROMPT, max_new_tokens=40)
+        trace = SpeculativeDecoder(target, drafter, num_draft_tokens=7, schedule="constant").generate(PROMPT, max_new_tokens=40)
         assert trace.token_ids == cut and trace.stop_reason == "eos"
 
 
 def test_max_new_tokens_is_exact():
     target = tiny()
     for n in (1, 2, 5):
-        trace = SpeculativeDecoder(target, mtplab.PromptLookupDrafter(), num_draft_tokens=7).generate(PROMPT, n)
+        trace = SpeculativeDecoder(target, mtplab.PromptLookupDrafter(), num_draft_tokens=7, schedule="constant").generate(PROMPT, n)
         assert len(trace.token_ids) == n
 
 

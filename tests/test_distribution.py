@@ -108,7 +108,7 @@ def test_chi_square_on_real_decoder_samples(pair, drafter_kind, cfg):
     """The real decoder, seeded: the first two emitted tokens follow the target's joint distribution."""
     target, draft = pair
     drafter = mtplab.DraftModelDrafter(draft.model) if drafter_kind == "draft-model" else mtplab.PromptLookupDrafter()
-    dec = mtplab.SpeculativeDecoder(target, drafter, num_draft_tokens=3, temperature=cfg.temperature,
+    dec = mtplab.SpeculativeDecoder(target, drafter, num_draft_tokens=3, schedule="constant", temperature=cfg.temperature,
                                     top_k=cfg.top_k, top_p=cfg.top_p, record=False)
     n = 1000
     counts = torch.zeros(V * V)

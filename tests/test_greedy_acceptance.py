@@ -15,7 +15,7 @@ PROMPTS = [[1, 2, 3, 4, 5, 6, 1, 2, 3], [7, 8, 9, 7, 8], [5, 4, 3, 2, 1, 5, 4]]
 
 
 def decoder_numbers(target, drafter, gamma, n):
-    traces = [SpeculativeDecoder(target, drafter, num_draft_tokens=gamma).generate(p, n) for p in PROMPTS]
+    traces = [SpeculativeDecoder(target, drafter, num_draft_tokens=gamma, schedule="constant").generate(p, n) for p in PROMPTS]
     rounds = [r for t in traces for r in t.rounds]
     return ([len(t.token_ids) / len(t.rounds) for t in traces],
             sum(len(t.token_ids) for t in traces) / len(rounds), per_position_acceptance(rounds)[0])
@@ -43,7 +43,7 @@ def test_an_accepted_eos_ends_the_text():
     target.eos_token_ids = {want[12]}
     drafter = mtplab.PromptLookupDrafter()
     got = greedy_acceptance(target, drafter, PROMPTS[:1], gammas=(7,), max_new_tokens=40)[7]
-    trace = SpeculativeDecoder(target, drafter, num_draft_tokens=7).generate(PROMPTS[0], 40)
+    trace = SpeculativeDecoder(target, drafter, num_draft_tokens=7, schedule="constant").generate(PROMPTS[0], 40)
     assert trace.stop_reason == "eos"
     assert got["per_prompt"] == [len(trace.token_ids) / len(trace.rounds)]
 

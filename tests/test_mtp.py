@@ -27,7 +27,7 @@ def random_mtp(target, seed=0, vocab_ids=None, context_attention=False):
 def test_greedy_mtp_equals_plain(gamma, vocab):
     target = tiny()
     want = SpeculativeDecoder(target, None).generate(PROMPT, 40).token_ids
-    trace = SpeculativeDecoder(target, random_mtp(target, vocab_ids=vocab), num_draft_tokens=gamma).generate(PROMPT, 40)
+    trace = SpeculativeDecoder(target, random_mtp(target, vocab_ids=vocab), num_draft_tokens=gamma, schedule="constant").generate(PROMPT, 40)
     assert trace.token_ids == want
     assert all(r.draft_start_position == r.context_len - 2 for r in trace.rounds if r.num_drafted)
     if vocab:
@@ -69,7 +69,7 @@ def test_chi_square_mtp_on_real_decoder():
     from scipy.stats import chisquare
 
     target = tiny(vocab_size=V)
-    dec = SpeculativeDecoder(target, random_mtp(target), num_draft_tokens=3, temperature=1.0, record=False)
+    dec = SpeculativeDecoder(target, random_mtp(target), num_draft_tokens=3, schedule="constant", temperature=1.0, record=False)
     n, counts = 1000, torch.zeros(V * V)
     for seed in range(n):
         y = dec.generate(CTX, max_new_tokens=2, seed=seed).token_ids
@@ -99,7 +99,7 @@ def test_training_lowers_the_loss_and_raises_acceptance(trained):
     assert last["val_loss"] < first["val_loss"]
     assert len(last["acceptance"]) == 4
     assert last["acceptance"][0] > first["acceptance"][0] + 0.03, (first, last)
-    m = SpeculativeDecoder(target, drafter, num_draft_tokens=3).generate(PROMPT, 40).metrics
+    m = SpeculativeDecoder(target, drafter, num_draft_tokens=3, schedule="constant").generate(PROMPT, 40).metrics
     assert m.accepted > 0
 
 
@@ -107,8 +107,8 @@ def test_save_load_round_trip_gives_identical_drafts(trained):
     target, _, out, drafter = trained
     back = MTPDrafter.load(out)
     assert torch.equal(back.vocab_ids, drafter.vocab_ids) and back.meta["unroll"] == 4
-    a = SpeculativeDecoder(target, drafter, num_draft_tokens=4, temperature=0.8).generate(PROMPT, 30, seed=2)
-    b = SpeculativeDecoder(target, back, num_draft_tokens=4, temperature=0.8).generate(PROMPT, 30, seed=2)
+    a = SpeculativeDecoder(target, drafter, num_draft_tokens=4, schedule="constant", temperature=0.8).generate(PROMPT, 30, seed=2)
+    b = SpeculativeDecoder(target, back, num_draft_tokens=4, schedule="constant", temperature=0.8).generate(PROMPT, 30, seed=2)
     assert [r.draft_ids for r in a.rounds] == [r.draft_ids for r in b.rounds] and a.token_ids == b.token_ids
 
 
@@ -143,7 +143,7 @@ def test_greedy_mtp_with_context_copy_equals_plain(gamma, ngram):
     want = SpeculativeDecoder(target, None).generate(PROMPT, 40).token_ids
     drafter = random_mtp(target)
     drafter.context_ngram = ngram
-    trace = SpeculativeDecoder(target, drafter, num_draft_tokens=gamma).generate(PROMPT, 40)
+    trace = SpeculativeDecoder(target, drafter, num_draft_tokens=gamma, schedule="constant").generate(PROMPT, 40)
     assert trace.token_ids == want
 
 
@@ -219,8 +219,8 @@ def test_train_on_sequences_saves_and_resumes(trained_seq):
     target, seqs, out, drafters = trained_seq
     back = MTPDrafter.load(out / "head1")
     assert back.head.config["num_layers"] == 2 and back.meta["steps"] == 120
-    a = SpeculativeDecoder(target, drafters[1], num_draft_tokens=3).generate(PROMPT, 20)
-    b = SpeculativeDecoder(target, back, num_draft_tokens=3).generate(PROMPT, 20)
+    a = SpeculativeDecoder(target, drafters[1], num_draft_tokens=3, schedule="constant").generate(PROMPT, 20)
+    b = SpeculativeDecoder(target, back, num_draft_tokens=3, schedule="constant").generate(PROMPT, 20)
     # saved in float16: the drafts may differ in the last bits, the output never does (greedy = plain)
     assert a.token_ids == b.token_ids
     lines = []
@@ -242,7 +242,7 @@ def test_greedy_mtp_with_context_attention_equals_plain(gamma):
     target = tiny()
     want = SpeculativeDecoder(target, None).generate(PROMPT, 40).token_ids
     drafter = attention_drafter(target)
-    trace = SpeculativeDecoder(target, drafter, num_draft_tokens=gamma).generate(PROMPT, 40)
+    trace = SpeculativeDecoder(target, drafter, num_draft_tokens=gamma, schedule="constant").generate(PROMPT, 40)
     assert trace.token_ids == want
     assert len(drafter._rows) == len(PROMPT) + 40 - 1  # a row per final position but the newest
 
@@ -319,8 +319,8 @@ def test_context_attention_save_load_gives_identical_drafts(trained_seq, tmp_pat
     drafter.save(tmp_path / "ctx")
     back = MTPDrafter.load(tmp_path / "ctx")
     assert back.head.config["context_attention"] is True
-    a = SpeculativeDecoder(target, drafter, num_draft_tokens=4, temperature=0.8).generate(PROMPT, 30, seed=2)
-    b = SpeculativeDecoder(target, back, num_draft_tokens=4, temperature=0.8).generate(PROMPT, 30, seed=2)
+    a = SpeculativeDecoder(target, drafter, num_draft_tokens=4, schedule="constant", temperature=0.8).generate(PROMPT, 30, seed=2)
+    b = SpeculativeDecoder(target, back, num_draft_tokens=4, schedule="constant", temperature=0.8).generate(PROMPT, 30, seed=2)
     assert [r.draft_ids for r in a.rounds] == [r.draft_ids for r in b.rounds] and a.token_ids == b.token_ids
     trained = MTPDrafter.load(out / "head2")
     assert trained.head.attn is not None and trained.head.attn.o.weight.abs().sum() > 0  # training moved it

@@ -83,7 +83,7 @@ def test_the_decoder_follows_the_branch_the_target_agrees_with(gamma):
     target = tiny()
     plain = SpeculativeDecoder(target, None).generate(PROMPT, 30)
     text = list(plain.prompt_ids) + plain.token_ids
-    trace = SpeculativeDecoder(target, OracleBranch(text), num_draft_tokens=gamma).generate(PROMPT, 30)
+    trace = SpeculativeDecoder(target, OracleBranch(text), num_draft_tokens=gamma, schedule="constant").generate(PROMPT, 30)
     assert trace.token_ids == plain.token_ids
     full = [r for r in trace.rounds if r.num_draft_tokens == gamma]
     best = 1 if gamma == 1 else 2  # with one token, branch 1 is the truth too, and the first of equals wins
@@ -100,7 +100,7 @@ def test_the_decoder_follows_the_branch_the_target_agrees_with(gamma):
     ins.show(r, 0, trace)
     assert f"<b>branch {best} ← verified</b>" in ins.costs.value and ins.mtp_view.layout.display == "none"
     # with sampling the branches are not used: the main draft is verified alone (and always rejected here)
-    sampled = SpeculativeDecoder(target, OracleBranch(text), num_draft_tokens=gamma, temperature=0.0001)
+    sampled = SpeculativeDecoder(target, OracleBranch(text), num_draft_tokens=gamma, schedule="constant", temperature=0.0001)
     assert all(r.tree_branches == [] for r in sampled.generate(PROMPT, 10).rounds)
 
 
@@ -111,7 +111,7 @@ def test_greedy_mtp_tree_equals_plain(gamma, width, copy):
     want = SpeculativeDecoder(target, None).generate(PROMPT, 40).token_ids
     drafter = random_mtp(target)
     drafter.context_ngram, drafter.tree_width, drafter.tree_copy = 2, width, copy
-    trace = SpeculativeDecoder(target, drafter, num_draft_tokens=gamma).generate(PROMPT, 40)
+    trace = SpeculativeDecoder(target, drafter, num_draft_tokens=gamma, schedule="constant").generate(PROMPT, 40)
     assert trace.token_ids == want
     assert any(r.tree_nodes > r.num_draft_tokens for r in trace.rounds)  # trees were verified
     assert all(len(b) <= r.num_draft_tokens for r in trace.rounds for b in r.tree_branches)
@@ -129,7 +129,7 @@ def test_sampling_with_a_tree_drafter_is_the_chain(cfg):
     target = tiny()
     chain, tree = random_mtp(target), random_mtp(target)
     tree.tree_width, tree.tree_copy = 3, True
-    args = dict(num_draft_tokens=3, temperature=cfg.temperature, top_k=cfg.top_k)
+    args = dict(num_draft_tokens=3, schedule="constant", temperature=cfg.temperature, top_k=cfg.top_k)
     a = SpeculativeDecoder(target, chain, **args).generate(PROMPT, 30, seed=3)
     b = SpeculativeDecoder(target, tree, **args).generate(PROMPT, 30, seed=3)
     assert a.token_ids == b.token_ids
@@ -172,10 +172,10 @@ def test_shipped_mtp_tree_on_the_bundled_target(bundled):
 
     prompt = "Answer using only the text: Ada Lovelace wrote the first program for Babbage's engine. Who wrote it?"
     plain = SpeculativeDecoder(bundled, None).generate(prompt, 40)
-    chain = SpeculativeDecoder(bundled, mtplab.load_drafter("mtp", bundled), num_draft_tokens=3).generate(prompt, 40)
+    chain = SpeculativeDecoder(bundled, mtplab.load_drafter("mtp", bundled), num_draft_tokens=3, schedule="constant").generate(prompt, 40)
     drafter = mtplab.load_drafter("mtp-tree", bundled)
     assert drafter.name == "mtp-tree" and (drafter.tree_width, drafter.tree_copy) == (2, True)
-    trace = SpeculativeDecoder(bundled, drafter, num_draft_tokens=3).generate(prompt, 40)
+    trace = SpeculativeDecoder(bundled, drafter, num_draft_tokens=3, schedule="constant").generate(prompt, 40)
     assert trace.token_ids == chain.token_ids == plain.token_ids
     assert trace.metrics.mean_acceptance_length > chain.metrics.mean_acceptance_length
     rnd = next(r for r in trace.rounds if r.tree_branch > 0 and r.num_accepted > 0)

@@ -88,7 +88,7 @@ def test_live_draft_length_change_applies_from_next_round(pg):
 
 
 def test_inspector_text_for_bonus_and_plain_rounds(bundled):
-    dec = mtplab.SpeculativeDecoder(bundled, mtplab.PromptLookupDrafter(), num_draft_tokens=2)
+    dec = mtplab.SpeculativeDecoder(bundled, mtplab.PromptLookupDrafter(), num_draft_tokens=2, schedule="constant")
     trace = dec.generate("Repeat exactly: one two three four five six seven eight nine ten.", max_new_tokens=30)
     bonus = next(r for r in trace.rounds if r.token_kind == "bonus")
     assert "bonus" in describe(bonus, bonus.num_drafted)
@@ -98,7 +98,7 @@ def test_inspector_text_for_bonus_and_plain_rounds(bundled):
 
 def test_inspector_mtp_view_only_for_mtp_rounds(bundled):
     prompt = "List three uses of a paper clip."
-    trace = mtplab.SpeculativeDecoder(bundled, mtplab.load_drafter("mtp", bundled), num_draft_tokens=4).generate(
+    trace = mtplab.SpeculativeDecoder(bundled, mtplab.load_drafter("mtp", bundled), num_draft_tokens=4, schedule="constant").generate(
         prompt, max_new_tokens=24)
     seq = trace.prompt_ids + trace.token_ids
     ins = RoundInspector()
@@ -118,7 +118,7 @@ def test_inspector_mtp_view_only_for_mtp_rounds(bundled):
     assert "so far" in ins.curve.layout.title.text and f"({n} rounds)" in ins.curve.layout.title.text
     assert "drafted from target position" in ins.costs.value
 
-    lookup = mtplab.SpeculativeDecoder(bundled, mtplab.PromptLookupDrafter(), num_draft_tokens=4).generate(
+    lookup = mtplab.SpeculativeDecoder(bundled, mtplab.PromptLookupDrafter(), num_draft_tokens=4, schedule="constant").generate(
         "Repeat exactly: one two three four five six.", max_new_tokens=16)
     rnd = next(r for r in lookup.rounds if r.num_drafted)
     ins.show(rnd, 0, lookup, bundled.token_text)

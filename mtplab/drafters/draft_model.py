@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import kernels
-from ..models import Target, check_compatible, crop_cache, forward, load_model, new_cache, truncated_copy
+from ..models import (Target, check_compatible, crop_cache, forward, load_model, new_cache, prepare_kernels,
+                      truncated_copy)
 from ..sampling import choose, probs
 from .base import Draft, Drafter
 
@@ -22,7 +22,8 @@ class DraftModelDrafter(Drafter):
             name = name or model
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(model)
             model = load_model(model)
-        self.model = kernels.install(model.eval())
+        self.model = model.eval()
+        self.kernel_plan = prepare_kernels(self.model)
         self.tokenizer = tokenizer
         self.name = name or f"draft-model({getattr(model.config, 'name_or_path', '') or type(model).__name__})"
         self.cache = None

@@ -1,0 +1,180 @@
+"""Measured few-row kernels (mtplab.kernels): exact against F.linear, cached per machine and shape, scoped to
+mtplab's own forward, and refused with a clear error for a bad MTPLAB_KERNELS."""
+import io
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mtplab
+from mtplab import kernels, models
+from mtplab.decoder import SpeculativeDecoder
+
+from conftest import tiny
+
+
+@pytest.fixture
+def kernel_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MTPLAB_KERNEL_CACHE", str(tmp_path))
+    return tmp_path
+
+
+def tuned_tiny(seed=0, hidden_size=32, rows=range(1, 6)):
+    target = mtplab.tiny_random_target(vocab_size=64, seed=seed, hidden_size=hidden_size, num_layers=2)
+    kernels.tune(target.model, models.kernel_pass(target.model), reps=1, rows=rows, progress=False)
+    plan = kernels.apply(target.model)
+    assert plan is not None and plan.modules
+    return target
+
+
+def force(model, name):
+    """Every planned linear of ``model`` runs kernel ``name`` at every row count."""
+    kernel = kernels.KERNELS[name]
+    for m in kernels.plan_of(model).modules:
+        extra = {name: kernel.prepare(m.weight.detach())} if kernel.copies else {}
+        kernels._CHOICES[m] = kernels._Choice([kernel] * kernels.MAX_ROWS, extra)
+
+
+def last_logits(model, ids, n=5):
+    """Logits of a pass over the last ``n`` of ``ids`` after the rest as context."""
+    cache = models.new_cache(model)
+    with torch.inference_mode():
+        models.forward(model, ids[:-n], cache, logits=False)
+        return models.forward(model, ids[-n:], cache)[0]
+
+
+def plain_logits(model, ids, n=5):
+    plan = kernels._PLANS.pop(model)
+    try:
+        return last_logits(model, ids, n)
+    finally:
+        kernels._PLANS[model] = plan
+
+
+@pytest.mark.parametrize("name", list(kernels.KERNELS))
+def test_every_kernel_matches_f_linear_and_keeps_greedy_output(kernel_cache, name):
+    why = kernels.unavailable(name)
+    if why is not None:
+        pytest.fail(f"kernel {name} cannot run on this machine: {why}")
+    target = tuned_tiny()
+    model = target.model
+    ids = [(3 * i + 1) % 64 for i in range(20)]
+    want = plain_logits(model, ids)
+    force(model, name)
+    assert (last_logits(model, ids) - want).abs().max() < 1e-4
+    # the same tokens as plain greedy decoding, drafting with prompt lookup so passes run 1..5 rows
+    kernels_trace = SpeculativeDecoder(target, mtplab.PromptLookupDrafter(1), num_draft_tokens=4,
+                                       schedule="constant").generate(ids, max_new_tokens=24)
+    plan = kernels._PLANS.pop(model)
+    plain_trace = SpeculativeDecoder(target, None).generate(ids, max_new_tokens=24)
+    kernels._PLANS[model] = plan
+    assert kernels_trace.token_ids == plain_trace.token_ids
+
+
+def test_stream_kernel_rows_and_bias():
+    """The C kernel on awkward shapes: an output count that is not a multiple of 4, an input size that is not a
+    multiple of 16, up to MAX_ROWS rows, with a bias."""
+    if kernels.unavailable("stream"):
+        pytest.fail(f"the stream kernel cannot run here: {kernels.unavailable('stream')}")
+    torch.manual_seed(0)
+    w, b = torch.randn(37, 45), torch.randn(37)
+    for n in range(1, kernels.MAX_ROWS + 1):
+        x = torch.randn(1, n, 45)
+        got = kernels.KERNELS["stream"].run(x, w, b, None)
+        assert got.shape == (1, n, 37)
+        assert torch.allclose(got, F.linear(x, w, b), atol=1e-5), n
+
+
+def test_use_swaps_modules_only_inside_the_block(kernel_cache):
+    target = tuned_tiny()
+    model = target.model
+    linears = kernels.plan_of(model).modules
+    assert all(type(m) is nn.Linear for m in linears)
+    with kernels.use(model):
+        assert all(type(m) is kernels.TunedLinear for m in linears)
+        with kernels.use(model):  # re-entrant
+            pass
+        assert all(type(m) is kernels.TunedLinear for m in linears)
+    assert all(type(m) is nn.Linear and "_mtplab_choice" not in m.__dict__ for m in linears)
+
+
+def test_users_model_pickles_saves_and_generates_after_mtplab(kernel_cache, tmp_path):
+    target = tuned_tiny()
+    model = target.model
+    trace = SpeculativeDecoder(target, mtplab.PromptLookupDrafter(1), num_draft_tokens=3, schedule="constant").generate(
+        [1, 2, 3, 4, 1, 2, 3], max_new_tokens=12)
+    clone = pickle.loads(pickle.dumps(model))
+    assert all(type(m) is nn.Linear for m in clone.modules() if isinstance(m, nn.Linear))
+    model.save_pretrained(tmp_path / "saved")
+    again = type(model).from_pretrained(tmp_path / "saved")
+    ids = torch.tensor([[1, 2, 3, 4, 1, 2, 3]])
+    out = again.generate(ids, max_new_tokens=12, do_sample=False)[0, 7:].tolist()
+    assert out == model.generate(ids, max_new_tokens=12, do_sample=False)[0, 7:].tolist() == trace.token_ids
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)  # no extra tensors ride along in the state dict
+    assert set(torch.load(io.BytesIO(buf.getvalue()), weights_only=True)) == set(model.state_dict())
+
+
+def test_tuning_is_cached_and_invalidated(kernel_cache, monkeypatch):
+    target = mtplab.tiny_random_target(vocab_size=64, seed=0, hidden_size=32)
+    calls = []
+    run = models.kernel_pass(target.model)
+
+    def counting(n):
+        calls.append(n)
+        run(n)
+
+    kernels.tune(target.model, counting, reps=1, rows=range(1, 3), progress=False)
+    assert calls
+    files = list(kernel_cache.glob("*.json"))
+    assert len(files) == 1
+    calls.clear()
+    kernels.tune(target.model, counting, reps=1, rows=range(1, 3), progress=False)
+    assert calls == []  # the same machine, torch and shapes: reused
+    other = mtplab.tiny_random_target(vocab_size=64, seed=0, hidden_size=48)  # new shapes: measured
+    other_run = models.kernel_pass(other.model)
+    kernels.tune(other.model, lambda n: (calls.append(n), other_run(n)), reps=1, rows=range(1, 3), progress=False)
+    assert calls
+    calls.clear()
+    monkeypatch.setattr(torch, "__version__", "0.0-another")  # another torch: another cache file, measured again
+    kernels.tune(target.model, counting, reps=1, rows=range(1, 3), progress=False)
+    assert calls and len(list(kernel_cache.glob("*.json"))) == 2
+
+
+def test_copies_stay_within_the_budget(kernel_cache):
+    target = tuned_tiny()
+    model = target.model
+    shapes = {kernels.shape_key(m) for m in kernels.plan_of(model).modules}
+    fake = {"shapes": {s: {"linear": [2.0] * 16, "transposed": [1.0] * 16} for s in shapes}}
+    plan = kernels.apply(model, fake, budget=0.0)
+    assert plan.extra_bytes == 0 and all(set(v) == {"linear"} for v in plan.choices.values())
+    plan = kernels.apply(model, fake, budget=10.0)
+    assert plan.extra_bytes > 0 and all(set(v) == {"transposed"} for v in plan.choices.values())
+    kernels.forget(model)
+
+
+def test_bad_mtplab_kernels_value_is_refused(monkeypatch):
+    monkeypatch.setenv("MTPLAB_KERNELS", "fastest")
+    with pytest.raises(ValueError, match=r"MTPLAB_KERNELS must be one of \('auto', 'off'\), got 'fastest'"):
+        tiny()
+    monkeypatch.setenv("MTPLAB_KERNELS", "off")
+    assert kernels.prepare(tiny().model, lambda n: None) is None
+
+
+@pytest.mark.slow
+def test_bundled_target_runs_tuned_kernels_exactly(bundled):
+    """The bundled target gets a plan on this machine; a pass over 1..16 tokens gives the logits of F.linear."""
+    model = bundled.model
+    if kernels.mode() == "off":
+        pytest.fail("MTPLAB_KERNELS=off: this test checks the tuned kernels")
+    plan = kernels.plan_of(model)
+    assert plan is not None and len(plan.modules) == sum(isinstance(m, nn.Linear) for m in model.modules())
+    assert plan.extra_bytes <= kernels.COPY_BUDGET * plan.model_bytes
+    ids = bundled.encode("Explain why the sky is blue.")
+    for n in (1, 2, 5, 9, 16):
+        seq = ids + list(range(100, 100 + n))
+        assert (last_logits(model, seq, n) - plain_logits(model, seq, n)).abs().max() < 1e-4
+    assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))
+    pickle.dumps(model)
