@@ -20,7 +20,9 @@ from importlib import resources
 
 import torch
 
-DRAFTERS = ("mtp", "mtp-tree", "mtp-head", "prompt-lookup", "layer-skip", "draft-model")
+from .drafters.registry import NAMES
+
+DRAFTERS = tuple(n for n in NAMES if n != "none")
 
 
 def load_prompts(kind: str = "bench") -> list:
@@ -83,11 +85,12 @@ def _row(engine, method, gamma, temperature, tokens, seconds, plain_tokens, plai
                 speedup=(plain_seconds / plain_tokens) / (seconds / tokens), **extra)
 
 
-def _mtplab_row(target, drafter, gamma, temperature, prompts, max_new_tokens, seed, record, bar) -> dict:
+def _mtplab_row(target, drafter, gamma, schedule, temperature, prompts, max_new_tokens, seed, record, bar) -> dict:
     from .decoder import SpeculativeDecoder
     from .trace import per_position_acceptance
 
-    spec = SpeculativeDecoder(target, drafter, num_draft_tokens=gamma, temperature=temperature, record=record)
+    spec = SpeculativeDecoder(target, drafter, num_draft_tokens=gamma, schedule=schedule, temperature=temperature,
+                              record=record)
     plain = SpeculativeDecoder(target, None, temperature=temperature, record=record)
     pairs = _interleaved(prompts, lambda p: spec.generate(p, max_new_tokens, seed),
                          lambda p: plain.generate(p, max_new_tokens, seed), bar)
@@ -105,6 +108,7 @@ def _mtplab_row(target, drafter, gamma, temperature, prompts, max_new_tokens, se
         exact=all(a.token_ids == p.token_ids for a, p in pairs) if temperature == 0 else None,
         per_position_acceptance=per_position_acceptance(rounds)[0],
         verify_tokens=sum(r.verify_tokens for r in rounds) / len(rounds),
+        schedule=schedule, mean_gamma=sum(r.num_draft_tokens for r in rounds) / len(rounds),
     )
 
 
@@ -150,8 +154,8 @@ def _recording_row(target, prompts, max_new_tokens, seed, bar) -> dict:
     from .decoder import SpeculativeDecoder
     from .drafters import PromptLookupDrafter
 
-    on = SpeculativeDecoder(target, PromptLookupDrafter(), num_draft_tokens=4, record=True)
-    off = SpeculativeDecoder(target, PromptLookupDrafter(), num_draft_tokens=4, record=False)
+    on = SpeculativeDecoder(target, PromptLookupDrafter(), num_draft_tokens=4, schedule="constant", record=True)
+    off = SpeculativeDecoder(target, PromptLookupDrafter(), num_draft_tokens=4, schedule="constant", record=False)
     pairs = _interleaved(prompts, lambda p: on.generate(p, max_new_tokens, seed).metrics,
                          lambda p: off.generate(p, max_new_tokens, seed).metrics, bar)
     on_m, off_m = [a for a, _ in pairs], [b for _, b in pairs]
@@ -236,19 +240,20 @@ def greedy_acceptance(target, drafter, prompts=None, gammas=(4,), max_new_tokens
 
 
 def run_bench(target=None, prompts=None, max_new_tokens: int = 64, gammas=(1, 2, 4, 8), temperatures=(0.0, 0.7),
-              drafters=DRAFTERS, exit_layer: int = 12, draft_layers: int = 12, seed: int = 0, hf: bool = True,
+              drafters=DRAFTERS, layers: int | None = None, schedule: str = "auto", seed: int = 0, hf: bool = True,
               record: bool = True, measure_recording: bool = False, progress: bool = True) -> list:
     """Measure every (drafter, γ, temperature) on the prompts; return one dict per table row.
 
     ``target``: a :class:`~mtplab.models.Target` or a name for :func:`~mtplab.models.load_target` (default:
     the bundled model). ``prompts``: ``None`` (all shipped), a number (the first N shipped) or a list of texts.
+    ``schedule``: the draft-length policy of mtplab's rows (``"auto"``: γ is the most it may draft).
     """
     from tqdm.auto import tqdm
     from transformers.utils import logging as hf_logging
 
     from .decoder import SpeculativeDecoder
-    from .drafters import DraftModelDrafter, LayerSkipDrafter, PromptLookupDrafter, load_drafter
-    from .models import Target, load_target, truncated_copy
+    from .drafters import registry
+    from .models import Target, load_target
 
     unknown = [d for d in drafters if d not in DRAFTERS]
     if unknown:
@@ -257,23 +262,14 @@ def run_bench(target=None, prompts=None, max_new_tokens: int = 64, gammas=(1, 2,
         raise ValueError("gammas and temperatures must be non-empty")
     texts = _prompt_texts(prompts)
     target = target if isinstance(target, Target) else load_target(target)
-    small = truncated_copy(target, draft_layers) if "draft-model" in drafters else None
-    made = {
-        "mtp": lambda: load_drafter("mtp", target),  # the shipped MTP drafter (copies from the context on 3-gram matches)
-        "mtp-tree": lambda: load_drafter("mtp-tree", target),  # the same, verified as a token tree when greedy
-        "mtp-head": lambda: load_drafter("mtp", target, context_ngram=None),  # the same head alone
-        "prompt-lookup": PromptLookupDrafter,
-        "layer-skip": lambda: LayerSkipDrafter(target, exit_layer=exit_layer),
-        "draft-model": lambda: DraftModelDrafter(small, target.tokenizer,
-                                                 name=f"draft-model(first {draft_layers} layers)"),
-    }
-    ours = [made[name]() for name in drafters]  # one drafter object per kind, reused by every configuration
+    ours = [registry.make(name, target, layers) for name in drafters]  # one each, reused by every configuration
+    small = next((d.model for d in ours if d.name.startswith("draft-model")), None)
     hf_paths = []  # (method name, generate kwargs for γ)
     if hf and "prompt-lookup" in drafters:
         # max_matching_ngram_size=3: the same longest n-gram as mtplab's PromptLookupDrafter
         hf_paths.append(("prompt-lookup", lambda g: dict(prompt_lookup_num_tokens=g, max_matching_ngram_size=3)))
     if hf and small is not None:
-        hf_paths.append((f"assistant(first {draft_layers} layers)", lambda g: dict(
+        hf_paths.append((f"assistant({len(small.get_decoder().layers)} layers)", lambda g: dict(
             assistant_model=_assistant(small, g), num_assistant_tokens=g, num_assistant_tokens_schedule="constant")))
 
     n, configs = len(texts), len(gammas) * len(temperatures)
@@ -283,7 +279,7 @@ def run_bench(target=None, prompts=None, max_new_tokens: int = 64, gammas=(1, 2,
     try:
         # warm-up: one short generate per path, so no measured run pays for first-call costs
         for d in [None, *ours]:
-            SpeculativeDecoder(target, d, num_draft_tokens=2).generate(texts[0], 4, seed)
+            SpeculativeDecoder(target, d, num_draft_tokens=2, schedule=schedule).generate(texts[0], 4, seed)
         if hf:
             first = torch.tensor([target.encode(texts[0])], device=target.device)
             for kw in [{}, *(make(2) for _, make in hf_paths)]:
@@ -297,8 +293,8 @@ def run_bench(target=None, prompts=None, max_new_tokens: int = 64, gammas=(1, 2,
                 for gamma in gammas:
                     for d in ours:
                         bar.set_postfix_str(f"{d.name} γ={gamma} T={temperature}")
-                        rows.append(_mtplab_row(target, d, gamma, temperature, texts, max_new_tokens, seed, record,
-                                                bar))
+                        rows.append(_mtplab_row(target, d, gamma, schedule, temperature, texts, max_new_tokens, seed,
+                                                record, bar))
                     for method, make in hf_paths:
                         bar.set_postfix_str(f"transformers {method} γ={gamma} T={temperature}")
                         rows.append(_hf_row(target, method, gamma, temperature, texts, max_new_tokens, seed, bar,
@@ -321,7 +317,8 @@ def _assistant(model, gamma):
 
 
 COLUMNS = [  # (header, key, format)
-    ("engine", "engine", "{}"), ("method", "method", "{}"), ("γ", "gamma", "{}"), ("T", "temperature", "{:g}"),
+    ("engine", "engine", "{}"), ("method", "method", "{}"), ("γ", "gamma", "{}"), ("schedule", "schedule", "{}"),
+    ("mean γ", "mean_gamma", "{:.1f}"), ("T", "temperature", "{:g}"),
     ("acc.len", "mean_acceptance_length", "{:.2f}"), ("acc.rate", "acceptance_rate", "{:.2f}"),
     ("tok/pass", "verify_tokens", "{:.1f}"),
     ("tok/s", "tokens_per_second", "{:.1f}"), ("plain tok/s", "plain_tokens_per_second", "{:.1f}"),
@@ -353,8 +350,10 @@ def format_table(rows) -> str:
     fmt = lambda line: "  ".join(  # noqa: E731
         c.ljust(w) if k in left else c.rjust(w) for c, w, (_, k, _) in zip(line, widths, columns)).rstrip()
     lines = [fmt(cells[0]), "  ".join("-" * w for w in widths)] + [fmt(line) for line in cells[1:]]
+    from .kernels import cpu_model
+
     device = rows[0].get("device", "cpu")
-    machine = f"{torch.get_num_threads()} CPU threads" + ("" if device.startswith("cpu") else f", {device}")
+    machine = f"{cpu_model()}, {torch.get_num_threads()} threads" + ("" if device.startswith("cpu") else f", {device}")
     lines.append(
         f"speedup = plain s/token / speculative s/token, measured interleaved in this run; "
         f"{rows[0].get('prompts', '?')} prompts, {rows[0].get('max_new_tokens', '?')} new tokens, "

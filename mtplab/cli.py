@@ -12,7 +12,6 @@ import json
 import os
 import sys
 
-DRAFTER_CHOICES = ("mtp", "mtp-tree", "mtp-head", "prompt-lookup", "layer-skip", "draft-model", "none")
 COLORS = {"accepted": "32", "rejected": "31;9", "correction": "38;5;208", "bonus": "34"}
 MARKS = {"accepted": "+", "rejected": "-", "correction": "!", "bonus": "*"}
 
@@ -30,24 +29,6 @@ def _legend(color: bool) -> str:
     return "legend: " + " ".join(_paint(k, k, color) for k in kinds) + " plain"
 
 
-def _make_drafter(name, target, exit_layer, draft_layers):
-    from .drafters import DraftModelDrafter, LayerSkipDrafter, PromptLookupDrafter, load_drafter
-    from .models import truncated_copy
-
-    if name in ("mtp", "mtp-tree"):
-        return load_drafter(name, target)
-    if name == "mtp-head":
-        return load_drafter("mtp", target, context_ngram=None)
-    if name == "prompt-lookup":
-        return PromptLookupDrafter()
-    if name == "layer-skip":
-        return LayerSkipDrafter(target, exit_layer=exit_layer)
-    if name == "draft-model":
-        return DraftModelDrafter(truncated_copy(target, draft_layers), target.tokenizer,
-                                 name=f"draft-model(first {draft_layers} layers)")
-    return None
-
-
 def _print_metrics(trace, out) -> None:
     m = trace.metrics
     print(f"rounds {m.rounds} | new tokens {m.new_tokens} | acceptance rate {m.acceptance_rate:.2f} "
@@ -61,12 +42,13 @@ def _print_metrics(trace, out) -> None:
 
 def cmd_run(args) -> None:
     from .decoder import SpeculativeDecoder
+    from .drafters import registry
     from .models import load_target
     from .sampling import SamplingConfig
 
     SamplingConfig(args.temperature, args.top_k, args.top_p)  # fail on bad values before loading the model
     target = load_target(args.model)
-    drafter = _make_drafter(args.drafter, target, args.exit_layer, args.draft_layers)
+    drafter = registry.make(args.drafter, target, args.layers)
     dec = SpeculativeDecoder(target, drafter, num_draft_tokens=args.k, schedule=args.schedule,
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     out = sys.stdout
@@ -96,8 +78,14 @@ def cmd_bench(args) -> None:
 
     opts = {k: getattr(args, k) if getattr(args, k) is not None else v
             for k, v in (QUICK if args.quick else BENCH_DEFAULTS).items()}
-    rows = run_bench(target=args.model, drafters=args.drafters, exit_layer=args.exit_layer,
-                     draft_layers=args.draft_layers, seed=args.seed, hf=not args.no_hf, record=not args.no_record,
+    if args.costs:
+        from .costs import report
+        from .models import load_target
+
+        print(report(load_target(args.model), args.drafters, args.layers))
+        return
+    rows = run_bench(target=args.model, drafters=args.drafters, layers=args.layers, schedule=args.schedule,
+                     seed=args.seed, hf=not args.no_hf, record=not args.no_record,
                      measure_recording=args.measure_recording, **opts)
     print(format_table(rows))
     if args.json:
@@ -143,22 +131,26 @@ def cmd_train_drafter(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .bench import DRAFTERS
+    from .decoder import SCHEDULES
+    from .drafters.registry import NAMES
 
     parser = argparse.ArgumentParser(prog="mtplab", description="See speculative decoding work: run, bench, fetch.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="decode a prompt, showing accepted / rejected drafted tokens as they come")
     run.add_argument("prompt")
-    run.add_argument("--drafter", choices=DRAFTER_CHOICES, default="mtp")
-    run.add_argument("-k", "--num-draft-tokens", dest="k", type=int, default=4, help="draft length γ (default 4)")
-    run.add_argument("--schedule", choices=("constant", "heuristic"), default="constant")
+    run.add_argument("--drafter", choices=NAMES, default="mtp")
+    run.add_argument("-k", "--num-draft-tokens", dest="k", type=int, default=4,
+                     help="draft length γ (default 4; with --schedule auto the most it may draft)")
+    run.add_argument("--schedule", choices=SCHEDULES, default="auto",
+                     help="auto (default): γ per round from this machine's measured costs and the live acceptance")
     run.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
     run.add_argument("--top-k", type=int, default=0)
     run.add_argument("--top-p", type=float, default=1.0)
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--max-new-tokens", type=int, default=64)
-    run.add_argument("--exit-layer", type=int, default=12, help="layer-skip drafter: exit after this layer")
-    run.add_argument("--draft-layers", type=int, default=12, help="draft-model drafter: first N target layers")
+    run.add_argument("--layers", type=int, default=None,
+                     help="layer-skip exit layer / draft-model depth (default: 2/5 of the target's layers)")
     run.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
     run.add_argument("--model", default=None, help="hub id or local folder (default: bundled SmolLM2-135M)")
     run.add_argument("--json", metavar="PATH", help="write the trace as JSON")
@@ -171,8 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--temperatures", type=float, nargs="+")
     bench.add_argument("--drafters", nargs="+", choices=DRAFTERS, default=list(DRAFTERS))
     bench.add_argument("--prompts", type=int, metavar="N", help="use the first N shipped prompts")
-    bench.add_argument("--exit-layer", type=int, default=12)
-    bench.add_argument("--draft-layers", type=int, default=12)
+    bench.add_argument("--layers", type=int, default=None,
+                       help="layer-skip exit layer / draft-model depth (default: 2/5 of the target's layers)")
+    bench.add_argument("--schedule", choices=SCHEDULES, default="auto",
+                       help="draft-length policy of the mtplab rows (auto: γ is the most it may draft)")
+    bench.add_argument("--costs", action="store_true",
+                       help="print this machine's cost curve instead: CPU, pass cost over 1..16 tokens before and "
+                            "after kernel tuning, each drafter's c, plain tokens/s against the memory roofline")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--no-hf", action="store_true", help="leave out transformers' generate rows")
     bench.add_argument("--no-record", action="store_true", help="decode with record=False")

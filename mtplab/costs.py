@@ -13,85 +13,38 @@ same numbers every time.
 """
 from __future__ import annotations
 
-import hashlib
 import statistics
 import time
-from contextlib import contextmanager
 
 import torch
 
 from . import kernels
 from .models import Target, kernel_pass
 
-ROWS = range(1, kernels.MAX_ROWS + 1)  # pass sizes measured: 1..16 tokens, i.e. γ = 0..15
 CALIBRATION_PROMPT = "Write a short story about a robot who learns to paint."
 
 
-def model_key(target: Target) -> str:
-    """One key per target architecture, weights' size and kernel mode (the plan changes the curve)."""
-    model = target.model
-    shapes = sorted({kernels.shape_key(m) for m in kernels.tunable(model)})
-    raw = f"{target.name}|{kernels.parameter_bytes(model)}|{shapes}|{kernels.mode()}"
-    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+def pass_seconds(target: Target, refresh: bool = False, progress: bool = True, reps: int = 3) -> dict:
+    """Seconds of a target pass over n = 1..16 tokens on this machine: ``{"plain": {n: s}}`` (F.linear) and, where
+    the target has a kernel plan, ``"tuned"`` (measured interleaved once, then cached; see
+    :func:`mtplab.kernels.check_whole_passes`)."""
+    return kernels.check_whole_passes(target.model, kernel_pass(target.model), refresh=refresh, progress=progress,
+                                      reps=reps)
 
 
-@contextmanager
-def _plain(model):
-    """Run ``model`` without its kernel plan inside this block (F.linear everywhere): the 'before tuning' curve."""
-    plan = kernels._PLANS.pop(model, None)
-    try:
-        yield
-    finally:
-        if plan is not None:
-            kernels._PLANS[model] = plan
-
-
-def measure_passes(target: Target, rows=ROWS, reps: int = 3, compare: bool = False, progress: bool = True) -> dict:
-    """Median seconds of a target pass over n tokens (after a 64-token context), for each n in ``rows``:
-    ``{"tuned": {n: s}}``, plus ``"plain"`` (no kernel plan) with ``compare=True``. Interleaved: every repetition
-    runs every size and variant once, so slow moments of the machine hit them all alike."""
-    from tqdm.auto import tqdm
-
-    variants = ["tuned", "plain"] if compare else ["tuned"]
-    run = kernel_pass(target.model)
-    run(1)  # warm up (builds the context)
-    times = {(v, n): [] for v in variants for n in rows}
-    bar = tqdm(total=reps * len(rows) * len(variants), desc="Measuring target passes", unit="pass",
-               disable=not progress)
-    with torch.inference_mode():
-        for _ in range(reps):
-            for n in rows:
-                for v in variants:
-                    with _plain(target.model) if v == "plain" else _nothing():
-                        t0 = time.perf_counter()
-                        run(n)
-                        times[v, n].append(time.perf_counter() - t0)
-                    bar.update()
-    bar.close()
-    return {v: {n: statistics.median(times[v, n]) for n in rows} for v in variants}
-
-
-@contextmanager
-def _nothing():
-    yield
+def verify_curve(target: Target, refresh: bool = False, progress: bool = True) -> dict:
+    """``{γ: v(γ)}`` for γ = 0..15: a pass over γ+1 tokens with the kernels mtplab uses for it, in units of a
+    one-token step (measured once per machine, then cached)."""
+    seconds = pass_seconds(target, refresh, progress)
+    plan = kernels.plan_of(target.model)
+    used = {n: seconds["tuned"][n] if plan is not None and "tuned" in seconds and plan.engaged(n) else seconds["plain"][n]
+            for n in seconds["plain"]}
+    return as_verify_cost(used)
 
 
 def as_verify_cost(seconds: dict) -> dict:
     """Pass seconds by token count -> v by γ (a pass over γ+1 tokens / a one-token pass)."""
     return {n - 1: s / seconds[1] for n, s in sorted(seconds.items())}
-
-
-def verify_curve(target: Target, refresh: bool = False, progress: bool = True) -> dict:
-    """``{γ: v(γ)}`` for γ = 0..15 on this machine with the kernels in use (measured once, then cached)."""
-    key = model_key(target)
-    data = kernels.load_measurements()
-    if refresh or key not in data["passes"]:
-        seconds = measure_passes(target, progress=progress)["tuned"]
-        data = kernels.load_measurements()
-        data["passes"][key] = {"name": target.name, "seconds": {str(n): s for n, s in seconds.items()}}
-        kernels.save_measurements(data)
-    seconds = {int(n): s for n, s in data["passes"][key]["seconds"].items()}
-    return as_verify_cost(seconds)
 
 
 def draft_cost(drafter, target: Target, refresh: bool = False) -> float:
@@ -100,7 +53,7 @@ def draft_cost(drafter, target: Target, refresh: bool = False) -> float:
     own verify pass (verify seconds / v of its size), so a slow moment of the machine hits both sides alike."""
     if drafter is None:
         return 0.0
-    key = f"{model_key(target)}|{type(drafter).__name__}|{drafter.name}|{_fingerprint(drafter)}"
+    key = f"{kernels.model_key(target.model)}|{type(drafter).__name__}|{drafter.name}|{_fingerprint(drafter)}"
     data = kernels.load_measurements()
     cached = data.setdefault("drafters", {}).get(key)
     if cached is not None and not refresh:
@@ -160,3 +113,41 @@ def memory_bandwidth(size_mb: int = 256, reps: int = 5) -> float:
 def roofline_seconds(target: Target) -> float:
     """The fastest a one-token step can be: every weight read once at the measured memory bandwidth."""
     return kernels.parameter_bytes(target.model) / memory_bandwidth()
+
+
+def report(target: Target, drafters=("mtp", "prompt-lookup"), layers: int | None = None, reps: int = 5) -> str:
+    """``mtplab bench --costs``: this machine's cost curve as text (every number measured now, interleaved)."""
+    from . import theory
+    from .drafters import registry
+
+    plan = kernels.plan_of(target.model)
+    passes = pass_seconds(target, refresh=True, reps=reps)
+    step = passes["plain"][1]
+    lines = [f"machine: {kernels.cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+             f"target: {target.name}, {kernels.parameter_bytes(target.model) / 1e6:.0f} MB of weights",
+             "kernel plan (rows: kernel):" if plan else f"kernel plan: none (MTPLAB_KERNELS={kernels.mode()}, or "
+             "a model small enough to stay in the CPU cache)"]
+    if plan:
+        lines += ["  " + line for line in plan.describe().splitlines()]
+    rows = list(passes["plain"])
+    lines.append(f"target pass over n tokens, in one-token F.linear steps (median of {reps}, interleaved):")
+    lines.append("  n          " + " ".join(f"{n:>5}" for n in rows))
+    for name, label in (("plain", "F.linear"), ("tuned", "plan")):
+        if name in passes:
+            lines.append(f"  {label:<10} " + " ".join(f"{passes[name][n] / step:5.2f}" for n in rows))
+    if plan:
+        lines.append("  used       " + " ".join(f"{'plan' if plan.engaged(n) else 'F.lin':>5}" for n in rows))
+    v = verify_curve(target)
+    used_step = step * v[0] if not plan or not plan.engaged(1) else passes["tuned"][1]
+    roof = roofline_seconds(target)
+    lines.append(f"plain decoding: {1 / used_step:.1f} tokens/s ({1e3 * used_step:.1f} ms a step); fp32 memory "
+                 f"roofline {1e3 * roof:.1f} ms ({kernels.parameter_bytes(target.model) / 1e6:.0f} MB at "
+                 f"{memory_bandwidth() / 1e9:.1f} GB/s): a step takes {used_step / roof:.2f}x the roofline")
+    lines.append("draft cost c (seconds per drafted token / one-token step) and the γ auto drafts at acceptance α:")
+    for name in drafters:
+        if name == "none" or name not in registry.names(target):
+            continue
+        c = draft_cost(registry.make(name, target, layers), target, refresh=True)
+        picks = "  ".join(f"α={a}: γ={theory.best_draft_length([a] * 8, c, v)[0]}" for a in (0.3, 0.5, 0.7, 0.9))
+        lines.append(f"  {name:<14} c = {c:.3f}   {picks}")
+    return "\n".join(lines)

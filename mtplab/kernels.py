@@ -289,13 +289,14 @@ class TunedLinear(nn.Linear):
 
 
 @contextmanager
-def use(model: nn.Module):
-    """Run ``model``'s planned linears with their chosen kernels inside this block (a no-op without a plan).
+def use(model: nn.Module, rows: int | None = None):
+    """Run ``model``'s planned linears with their chosen kernels inside this block (a no-op without a plan, or for a
+    pass over ``rows`` tokens where the whole-pass check found the plan no faster than F.linear).
 
     Re-entrant and counted per module (a layer-skip drafter shares the target's modules). While a block is open
     the swap is visible to every thread that calls this model (they get the same, equally exact kernels)."""
     plan = _PLANS.get(model)
-    if plan is None:
+    if plan is None or (rows is not None and not plan.engaged(rows)):
         yield
         return
     with _LOCK:
@@ -325,6 +326,10 @@ class Plan:
     copies: dict  # shape key -> the copying kernel given weight copies there
     extra_bytes: int = 0
     model_bytes: int = 0
+    faster: list | None = None  # per row count 1..MAX_ROWS: was a whole pass with the plan faster? (None: unchecked)
+
+    def engaged(self, rows: int) -> bool:
+        return rows > MAX_ROWS or self.faster is None or self.faster[rows - 1]
 
     def describe(self) -> str:
         lines = []
@@ -340,7 +345,7 @@ class Plan:
         return "\n".join(lines)
 
 
-def tune(model: nn.Module, run_pass: Callable[[int], None], reps: int = 3, rows=range(1, MAX_ROWS + 1),
+def tune(model: nn.Module, run_pass: Callable[[int], None], reps: int = 2, rows=range(1, MAX_ROWS + 1),
          progress: bool = True, force: bool = False) -> dict:
     """Measure every available candidate on every shape of ``model`` not measured yet on this machine.
 
@@ -491,13 +496,94 @@ def forget(model: nn.Module) -> None:
         _CHOICES.pop(m, None)
 
 
+def model_key(model: nn.Module) -> str:
+    """One key per architecture and weight layout (the whole-pass measurements of this machine are kept under it)."""
+    shapes = sorted(shape_key(m) for m in tunable(model))
+    raw = f"{type(model).__name__}|{parameter_bytes(model)}|{shapes}|{mode()}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+@contextmanager
+def without_plan(model: nn.Module):
+    """Run ``model`` with F.linear everywhere inside this block (its plan is put back on exit)."""
+    plan = _PLANS.pop(model, None)
+    try:
+        yield
+    finally:
+        if plan is not None:
+            _PLANS[model] = plan
+
+
+def measure_passes(model: nn.Module, run_pass: Callable[[int], None], rows=range(1, MAX_ROWS + 1), reps: int = 3,
+                   variants=("tuned", "plain"), progress: bool = True) -> dict:
+    """Median seconds of ``run_pass(n)`` for each n: ``{variant: {n: seconds}}``, ``"tuned"`` with the model's plan
+    (for every row count), ``"plain"`` without. Interleaved: every repetition runs every size and variant once, so a
+    slow moment of the machine hits them all alike."""
+    from tqdm.auto import tqdm
+
+    rows = list(rows)
+    times = {(v, n): [] for v in variants for n in rows}
+    plan = _PLANS.get(model)
+    saved = None if plan is None else plan.faster
+    bar = tqdm(total=reps * len(rows) * len(variants), desc="Timing whole passes", unit="pass", disable=not progress)
+    try:
+        if plan is not None:
+            plan.faster = None  # "tuned" means the plan at every row count here
+        with torch.inference_mode():
+            run_pass(1)  # warm up (builds the pass's context)
+            for _ in range(reps):
+                for n in rows:
+                    for v in variants:
+                        with without_plan(model) if v == "plain" else _nothing():
+                            t0 = time.perf_counter()
+                            run_pass(n)
+                            times[v, n].append(time.perf_counter() - t0)
+                        bar.update()
+    finally:
+        bar.close()
+        if plan is not None:
+            plan.faster = saved
+    return {v: {n: statistics.median(times[v, n]) for n in rows} for v in variants}
+
+
+@contextmanager
+def _nothing():
+    yield
+
+
+def check_whole_passes(model: nn.Module, run_pass: Callable[[int], None], refresh: bool = False,
+                       progress: bool = True, reps: int = 3) -> dict:
+    """Time whole passes over 1..16 tokens with and without ``model``'s plan (once per machine and model, cached)
+    and keep the plan only for the row counts where the whole pass got faster: the per-call timings of
+    :func:`tune` do not see everything (the swap's own overhead, effects on the ops around the products).
+    Returns ``{"plain": {n: s}, "tuned": {n: s}}``."""
+    key = model_key(model)
+    data = load_measurements()
+    if refresh or key not in data["passes"] or "plain" not in data["passes"][key]:
+        seconds = measure_passes(model, run_pass, reps=reps, progress=progress,
+                                 variants=("tuned", "plain") if model in _PLANS else ("plain",))
+        data = load_measurements()
+        data["passes"][key] = {v: {str(n): t for n, t in d.items()} for v, d in seconds.items()}
+        save_measurements(data)
+    seconds = {v: {int(n): t for n, t in d.items()} for v, d in data["passes"][key].items()}
+    plan = _PLANS.get(model)
+    if plan is not None and "tuned" in seconds:
+        plan.faster = [seconds["tuned"].get(n, float("inf")) < 0.98 * seconds["plain"].get(n, 0.0)
+                       for n in range(1, MAX_ROWS + 1)]
+    return seconds
+
+
 def prepare(model: nn.Module, run_pass: Callable[[int], None], progress: bool = True) -> Plan | None:
-    """Tune (once per machine and shape) and apply a plan to ``model``, unless ``MTPLAB_KERNELS=off`` or the model is
-    so small that its weights stay in the CPU cache (then there is nothing to gain)."""
+    """Tune (once per machine and shape), apply a plan to ``model`` and check it on whole passes, unless
+    ``MTPLAB_KERNELS=off`` or the model is so small that its weights stay in the CPU cache (then there is nothing
+    to gain)."""
     if mode() == "off" or not tunable(model):
         return None
     if sum(m.weight.numel() * m.weight.element_size() for m in tunable(model)) < SMALL_MODEL_BYTES:
         return None
     if model in _PLANS:
         return _PLANS[model]
-    return apply(model, tune(model, run_pass, progress=progress))
+    plan = apply(model, tune(model, run_pass, progress=progress))
+    if plan is not None:
+        check_whole_passes(model, run_pass, progress=progress)
+    return plan

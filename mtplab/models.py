@@ -228,7 +228,7 @@ def forward(model, ids: list, cache: DynamicCache, hidden: bool = False, logits:
         dtype = model.get_input_embeddings().weight.dtype  # an additive mask: 0 where a row may look, -inf-ish not
         mask = torch.zeros(sees.shape, dtype=dtype, device=model.device).masked_fill(~sees, torch.finfo(dtype).min)
         extra["position_ids"], extra["attention_mask"] = positions, mask
-    with kernels.use(model), last_hidden(model, hidden) as got:
+    with kernels.use(model, len(ids)), last_hidden(model, hidden) as got:
         out = model(input_ids=x, **{_cache_keyword(model): cache}, use_cache=True, logits_to_keep=0 if logits else 1,
                     **got.kwargs, **extra)
     return out.logits[0], (got.hidden(out)[0] if hidden else None)

@@ -3,7 +3,7 @@ live acceptance, including γ = 0 (a plain step) when no draft pays."""
 import pytest
 
 import mtplab
-from mtplab import costs, theory
+from mtplab import costs, kernels, theory
 from mtplab.decoder import AutoDraftLength, SpeculativeDecoder
 from mtplab.drafters.base import Draft, Drafter
 
@@ -150,6 +150,6 @@ def test_measured_costs_on_a_tiny_target_are_cached(tmp_path, monkeypatch):
     c = costs.draft_cost(mtplab.PromptLookupDrafter(), target)
     assert 0 <= c < 1
     calls = []
-    monkeypatch.setattr(costs, "measure_passes", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(kernels, "measure_passes", lambda *a, **k: calls.append(1))
     assert costs.verify_curve(target) == v and costs.draft_cost(mtplab.PromptLookupDrafter(), target) == c
     assert calls == []

@@ -5,6 +5,7 @@ import pytest
 
 from mtplab.bench import format_table, load_prompts
 from mtplab.cli import main
+from mtplab.kernels import cpu_model
 
 
 @pytest.fixture
@@ -62,7 +63,8 @@ def test_shipped_prompts():
 
 def test_format_table_on_synthetic_rows():
     rows = [
-        dict(engine="mtplab", method="prompt-lookup", gamma=4, temperature=0.0, mean_acceptance_length=2.5,
+        dict(engine="mtplab", method="prompt-lookup", gamma=4, schedule="auto", mean_gamma=3.2, temperature=0.0,
+             mean_acceptance_length=2.5,
              acceptance_rate=0.6123, tokens_per_second=30.0, plain_tokens_per_second=20.0, speedup=1.5,
              draft_cost_ratio=0.001, exact=True, prompts=3, max_new_tokens=32, device="cpu"),
         dict(engine="transformers", method="prompt-lookup", gamma=4, temperature=0.7, tokens_per_second=25.0,
@@ -71,9 +73,10 @@ def test_format_table_on_synthetic_rows():
     table = format_table(rows)
     lines = table.splitlines()
     assert len(lines) == 2 + len(rows) + 1  # header, rule, rows, footer
-    assert lines[0].split()[:4] == ["engine", "method", "γ", "T"]
-    assert "1.50x" in lines[2] and "yes" in lines[2] and "0.61" in lines[2]
-    assert "1.18x" in lines[3] and lines[3].split()[4] == "-"  # transformers rows have no acceptance length
+    assert lines[0].split()[:7] == ["engine", "method", "γ", "schedule", "mean", "γ", "T"]
+    assert "1.50x" in lines[2] and "yes" in lines[2] and "0.61" in lines[2] and " auto " in lines[2]
+    assert "3.2" in lines[2]
+    assert "1.18x" in lines[3] and lines[3].split()[3:7] == ["-", "-", "0.7", "-"]  # no schedule, no acceptance length
     assert lines[-1].startswith("speedup = plain s/token / speculative s/token, measured interleaved in this run")
-    assert "3 prompts, 32 new tokens" in lines[-1] and "CPU threads, torch " in lines[-1]
+    assert "3 prompts, 32 new tokens" in lines[-1] and f"machine: {cpu_model()}, " in lines[-1]
     assert len({len(line) for line in lines[:2]}) == 1  # header and rule line up
