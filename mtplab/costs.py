@@ -43,8 +43,24 @@ def verify_curve(target: Target, refresh: bool = False, progress: bool = True) -
 
 
 def as_verify_cost(seconds: dict) -> dict:
-    """Pass seconds by token count -> v by γ (a pass over γ+1 tokens / a one-token pass)."""
-    return {n - 1: s / seconds[1] for n, s in sorted(seconds.items())}
+    """Pass seconds by token count -> v by γ (a pass over γ+1 tokens / a one-token pass), made non-decreasing in
+    γ first (a longer pass never costs less; adjacent measurements that say otherwise are noise, pooled to their
+    mean)."""
+    ns = sorted(seconds)
+    return {n - 1: s / _non_decreasing([seconds[m] for m in ns])[0]
+            for n, s in zip(ns, _non_decreasing([seconds[m] for m in ns]))}
+
+
+def _non_decreasing(values: list) -> list:
+    """The least-squares non-decreasing fit (pool adjacent violators)."""
+    blocks = []  # [sum, count]
+    for v in values:
+        blocks.append([v, 1])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            s, c = blocks.pop()
+            blocks[-1][0] += s
+            blocks[-1][1] += c
+    return [s / c for s, c in blocks for _ in range(c)]
 
 
 def draft_cost(drafter, target: Target, refresh: bool = False) -> float:

@@ -153,3 +153,11 @@ def test_measured_costs_on_a_tiny_target_are_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(kernels, "measure_passes", lambda *a, **k: calls.append(1))
     assert costs.verify_curve(target) == v and costs.draft_cost(mtplab.PromptLookupDrafter(), target) == c
     assert calls == []
+
+
+def test_verify_curve_is_made_non_decreasing():
+    """A longer pass never costs less: noisy measurements that say so are pooled (least squares)."""
+    assert costs.as_verify_cost({1: 2.0, 2: 2.2, 3: 2.6}) == pytest.approx({0: 1.0, 1: 1.1, 2: 1.3})
+    v = costs.as_verify_cost({1: 2.0, 2: 1.8, 3: 2.6, 4: 2.4})
+    assert v == pytest.approx({0: 1.0, 1: 1.0, 2: 2.5 / 1.9, 3: 2.5 / 1.9})
+    assert all(v[g] <= v[g + 1] for g in range(3))

@@ -163,6 +163,12 @@ def test_quickstart_playground_in_jupyterlab(lab, browser):
               f"status: {view.locator('.status').inner_text()!r}")
         assert accepted > 0 and rejected > 0 and target_own > 0
         expect(pg.locator(".mtplab-dashboard")).to_contain_text("identical to plain ✓")
+        # the default schedule is auto: the rounds where it chose another γ are marked ⟳, the dashboard says why
+        auto = view.locator(".tokens .round .auto-change")
+        assert auto.count() >= 1 and re.fullmatch(r"⟳ γ=\d+", auto.first.inner_text())
+        assert "expects" in auto.first.get_attribute("title")
+        expect(pg.locator(".mtplab-dashboard")).to_contain_text("auto draft length")
+        print(f"auto: {auto.count()} draft-length changes marked; first {auto.first.inner_text()!r}")
         assert pg.locator(".mtplab-error").inner_text().strip() == ""
         pg.scroll_into_view_if_needed()
         _shot(page, "01_after_run.png")
@@ -184,6 +190,7 @@ def test_quickstart_playground_in_jupyterlab(lab, browser):
 
         # 3. the draft-length slider sets the next rounds' γ; a change during a run is marked ⚙ in the text
         pg.locator(".mtplab-reset").click()
+        pg.locator(".widget-toggle-buttons button", has_text="constant").click()  # γ as the slider says
         expect(view.locator(".tokens .round")).to_have_count(0, timeout=LONG)
         # a prompt whose answer is long, so that five rounds never reach the end of the answer
         pg.locator(".mtplab-prompt textarea").fill("Write a long story about a dragon who learns to bake bread.")
@@ -202,6 +209,7 @@ def test_quickstart_playground_in_jupyterlab(lab, browser):
             expect(rounds).to_have_count(n, timeout=LONG)
         assert [rounds.nth(i).get_attribute("data-k") for i in range(3)] == ["6"] * 3
         assert view.locator(".setting-change").count() == 0, "a change before a run is not a change during it"
+        assert view.locator(".auto-change").count() == 0, "constant: auto marks nothing"
         handle.focus()
         handle.press("ArrowLeft")
         expect(readout).to_have_text("5")

@@ -30,6 +30,26 @@ def test_run_fills_views_round_by_round(pg):
     assert list(pg.dashboard.fig.data[0].y) == trace.metrics.per_position_acceptance
 
 
+def test_auto_schedule_is_the_default_and_is_shown(pg):
+    """The first run (above) used schedule="auto": every round says what it expected, the token view marks the
+    rounds where auto changed γ, the dashboard names its choices and draws theory from this machine's v(γ)."""
+    from mtplab import costs, theory
+    from mtplab.trace import cost_model
+
+    trace = pg.trace
+    assert pg.schedule.value == "auto" and trace.config["schedule"] == "auto"
+    assert all(r.expected_speedup is not None and 0 <= r.num_draft_tokens <= 4 for r in trace.rounds)
+    changes = [r["i"] for r in pg.tokens.rounds if r["auto"]]
+    ks = [r.num_draft_tokens for r in trace.rounds]
+    assert changes == [0] + [i for i in range(1, len(ks)) if ks[i] != ks[i - 1]]
+    assert pg.tokens.rounds[0]["auto"].startswith(f"γ={ks[0]}, expects ")
+    assert "auto draft length" in pg.dashboard.metrics.value and "chose γ=" in pg.dashboard.metrics.value
+    v = costs.verify_curve(pg.target, progress=False)
+    cm = cost_model(trace, pg.plain)
+    want = [theory.walltime_factor(cm["alpha"], g, cm["c"], v) for g in range(1, 9)]
+    assert list(pg.dashboard.fig.data[5].y) == pytest.approx(want)
+
+
 def test_clicking_a_token_updates_the_inspector(pg):
     rnd = next(r for r in pg.trace.rounds if r.num_accepted < r.num_drafted)
     pg.tokens.selected = {"round": rnd.index, "pos": rnd.num_accepted}
@@ -74,6 +94,7 @@ def test_stop_cancels_a_running_decode(pg):
 
 def test_live_draft_length_change_applies_from_next_round(pg):
     pg.reset()
+    pg.schedule.value = "constant"
     pg.num_draft_tokens.value = 2
     for _ in range(3):
         pg.step()
@@ -82,8 +103,9 @@ def test_live_draft_length_change_applies_from_next_round(pg):
         pg.step()
     ks = [r.num_draft_tokens for r in pg.decoder.trace.rounds]
     assert ks[:3] == [2, 2, 2] and ks[3:] == [6, 6, 6]
-    assert pg.tokens.rounds[3]["mark"] == "γ=6"
+    assert pg.tokens.rounds[3]["mark"] == "γ=6" and not any(r["auto"] for r in pg.tokens.rounds)
     pg.reset()
+    pg.schedule.value = "auto"
     assert pg.tokens.rounds == [] and pg.trace is None
 
 

@@ -46,8 +46,12 @@ class SpeedupDashboard(W.VBox):
         super().__init__([self.metrics, self.fig, W.HBox([self.sweep_button, self.sweep_progress])])
         self.add_class("mtplab-dashboard")
 
-    def update(self, spec, plain=None) -> None:
+    def update(self, spec, plain=None, verify_cost: dict | None = None) -> None:
+        """Redraw from ``spec`` (and its plain baseline). ``verify_cost``: this machine's measured v(γ) for the
+        theory curve (default: the one an auto run recorded, else the verify times of the γ this run used)."""
         m = spec.metrics
+        if verify_cost is None and spec.config.get("verify_cost"):
+            verify_cost = dict(enumerate(spec.config["verify_cost"]))
         rows = [("acceptance rate", f"{m.acceptance_rate:.2f}"),
                 ("mean acceptance length", f"{m.mean_acceptance_length:.2f} tokens / target pass"),
                 ("tokens/s", f"{m.tokens_per_second:.1f}")]
@@ -59,16 +63,28 @@ class SpeedupDashboard(W.VBox):
             if plain is not None and plain.rounds and m.new_tokens:
                 s = speedup(spec, plain)
                 cm = cost_model(spec, plain)
-                gamma = spec.config.get("num_draft_tokens", 4)
+                vc = verify_cost or cm["verify_cost"] or None
+                rounds = spec.rounds
+                gamma = sum(r.num_draft_tokens for r in rounds) / len(rounds)  # = the setting, unless auto chose
+                g = max(1, round(gamma))
                 rows += [("measured speedup", f"<b>{s:.2f}×</b> vs plain decoding (same prompt, same run)"),
                          ("α, c", f"α ≈ {cm['alpha']:.2f} (i.i.d. estimate), c ≈ {cm['c']:.3f} (draft step / target step)"),
-                         ("theory at γ", f"{theory.walltime_factor(cm['alpha'], gamma, cm['c']):.2f}× (Leviathan), "
-                          f"{theory.walltime_factor(cm['alpha'], gamma, cm['c'], cm['verify_cost'] or None):.2f}× (measured v(γ))")]
+                         ("theory at γ", f"{theory.walltime_factor(cm['alpha'], g, cm['c']):.2f}× (Leviathan), "
+                          f"{theory.walltime_factor(cm['alpha'], g, cm['c'], vc):.2f}× (measured v(γ))")]
+                auto = [r for r in rounds if r.expected_speedup is not None]
+                if auto:
+                    counts = {}
+                    for r in auto:
+                        counts[r.num_draft_tokens] = counts.get(r.num_draft_tokens, 0) + 1
+                    chosen = ", ".join(f"γ={k} ×{n}" for k, n in sorted(counts.items()))
+                    expected = sum(r.expected_speedup for r in auto) / len(auto)
+                    rows.append(("auto draft length", f"chose {chosen} (γ=0: a plain step) from c = "
+                                 f"{spec.config.get('draft_cost', 0):.3f}, v(γ) and the live acceptance; expected "
+                                 f"{expected:.2f}×, measured {s:.2f}×"))
                 if spec.config.get("temperature") == 0:
                     same = spec.token_ids == plain.token_ids[: len(spec.token_ids)]
                     rows.append(("greedy output", "identical to plain ✓" if same else "DIFFERS from plain ✗"))
                 self.fig.data[4].update(x=GAMMAS, y=[theory.walltime_factor(cm["alpha"], g, cm["c"]) for g in GAMMAS])
-                vc = cm["verify_cost"] or None
                 self.fig.data[5].update(x=GAMMAS, y=[theory.walltime_factor(cm["alpha"], g, cm["c"], vc) for g in GAMMAS])
                 self.fig.data[6].update(x=[gamma], y=[s])
         self.metrics.value = "<table class='mtplab-metrics'>" + "".join(

@@ -13,10 +13,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import ipywidgets as W
 
-from ..decoder import SpeculativeDecoder
-from ..drafters import DraftModelDrafter, LayerSkipDrafter, PromptLookupDrafter, load_drafter
-from ..drafters.mtp import SHIPPED
-from ..models import Target, load_target, truncated_copy
+from ..decoder import SCHEDULES, SpeculativeDecoder
+from .. import costs
+from ..drafters import registry
+from ..models import Target, load_target
 from ..trace import speedup
 from .dashboard import GAMMAS, SpeedupDashboard
 from .inspector import RoundInspector
@@ -24,27 +24,14 @@ from .token_view import TokenView
 
 REFRESH_SECONDS = 0.3  # the browser draws on the same CPU the decoder runs on: redraw sparingly
 DEFAULT_PROMPT = "Give three tips for drinking more water every day."  # not a training prompt of the shipped MTP head
-MTP_LABEL = "MTP (trained for this target)"
+MTP_LABEL = registry.ENTRIES["mtp"].label
 LIVE = ("num_draft_tokens", "schedule", "temperature", "top_k", "top_p")
 
 
 def offline_drafters(target: Target) -> dict:
-    """Label -> factory for the drafters that need no download (built on first use)."""
-    n = len(target.model.get_decoder().layers)
-    exit_layer, draft_layers = max(1, n // 3), max(1, n // 4)
-    shipped = {}
-    if target.name in SHIPPED:  # mtplab ships a trained MTP drafter for the bundled target
-        shipped = {MTP_LABEL: lambda: load_drafter("mtp", target),
-                   "MTP + token tree (greedy: 3 branches in one pass)": lambda: load_drafter("mtp-tree", target),
-                   "MTP head alone (no context copy)": lambda: load_drafter("mtp", target, context_ngram=None)}
-    return {
-        **shipped,
-        "prompt lookup": PromptLookupDrafter,
-        f"layer-skip (exit after layer {exit_layer})": lambda: LayerSkipDrafter(target, exit_layer=exit_layer),
-        f"draft model (first {draft_layers} layers)": lambda: DraftModelDrafter(
-            truncated_copy(target, draft_layers), target.tokenizer, name=f"draft-model({draft_layers} layers)"),
-        "none (plain decoding)": lambda: None,
-    }
+    """Label -> factory for the drafters that need no download (built on first use), from the one registry."""
+    return {registry.label(name, target): (lambda name=name: registry.make(name, target))
+            for name in registry.names(target)}
 
 
 class Playground(W.VBox):
@@ -61,8 +48,10 @@ class Playground(W.VBox):
         self.drafter = W.Dropdown(options=list(self._factories), value=drafter, description="drafter")
         self.num_draft_tokens = W.IntSlider(num_draft_tokens, min=1, max=16, description="draft length γ",
                                             continuous_update=False, style={"description_width": "initial"})
-        self.schedule = W.ToggleButtons(options=["constant", "heuristic"], value="constant",
-                                        style={"button_width": "80px"})
+        self.schedule = W.ToggleButtons(options=list(SCHEDULES), value="auto", style={"button_width": "80px"},
+                                        tooltips=["γ per round from this machine's measured costs and the live "
+                                                  "acceptance (the slider is the most it drafts; γ=0: a plain step)",
+                                                  "always the slider's γ", "+2 after a full accept, -1 otherwise"])
         self.temperature = W.FloatText(temperature, description="temperature", step=0.1, layout=W.Layout(width="170px"))
         self.top_k = W.IntText(0, description="top-k", layout=W.Layout(width="140px"))
         self.top_p = W.FloatText(1.0, description="top-p", step=0.05, layout=W.Layout(width="140px"))
@@ -196,7 +185,7 @@ class Playground(W.VBox):
             live = dec.trace
             self.trace = dec.generate(*args)
             assert self.trace.token_ids == live.token_ids  # same seed, same settings: the same run
-        self.dashboard.update(self.trace, self.plain)
+        self.dashboard.update(self.trace, self.plain, costs.verify_curve(self.target, progress=False))
         m = self.trace.metrics
         self.tokens.status = (f"{m.new_tokens} tokens in {m.rounds} target passes · "
                               f"{speedup(self.trace, self.plain):.2f}× plain decoding")
@@ -267,8 +256,8 @@ class Playground(W.VBox):
             bar.max, bar.value, bar.layout.visibility = len(gammas), 0, "visible"
             try:
                 plain = SpeculativeDecoder(self.target, None, **(self._settings() | {"num_draft_tokens": 1}))
-                for g in gammas:
-                    spec = self._make_decoder(num_draft_tokens=g)
+                for g in gammas:  # each γ as it is (constant): the curve auto chooses from
+                    spec = self._make_decoder(num_draft_tokens=g, schedule="constant")
                     a = spec.generate(self.prompt.value, self.max_new_tokens.value, self.seed.value)
                     b = plain.generate(self.prompt.value, self.max_new_tokens.value, self.seed.value)
                     points.append((g, speedup(a, b)))

@@ -23,6 +23,13 @@ function renderRound(r) {
     m.title = `settings changed before round ${r.i}: ${r.mark}`;
     g.appendChild(m);
   }
+  if (r.auto) {
+    const a = document.createElement("span");
+    a.className = "auto-change";
+    a.textContent = `⟳ ${r.auto.split(",")[0]}`;
+    a.title = `before round ${r.i}, schedule="auto" chose ${r.auto} (γ=0: a plain step)`;
+    g.appendChild(a);
+  }
   for (const t of r.toks) g.appendChild(tokenSpan(t, r.i));
   return g;
 }

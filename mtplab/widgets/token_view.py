@@ -11,11 +11,22 @@ from ..report import token_tip
 HERE = Path(__file__).parent
 
 
-def round_tokens(rnd, mark: str = "") -> dict:
-    """The part of a Round the browser needs: ``{"i", "k", "mark", "toks": [[kind, text, pos, tip], ...]}``
-    (``k``: the draft length the round asked for, shown as ``data-k`` on the round's span)."""
-    return {"i": rnd.index, "k": rnd.num_draft_tokens, "mark": mark,
+def round_tokens(rnd, mark: str = "", auto: str = "") -> dict:
+    """The part of a Round the browser needs: ``{"i", "k", "mark", "auto", "toks": [[kind, text, pos, tip], ...]}``
+    (``k``: the draft length the round asked for, shown as ``data-k`` on the round's span; ``mark``: a setting the
+    user changed before it; ``auto``: the draft length ``schedule="auto"`` switched to before it)."""
+    return {"i": rnd.index, "k": rnd.num_draft_tokens, "mark": mark, "auto": auto,
             "toks": [[kind, text, pos, token_tip(rnd, kind, pos)] for kind, _, text, pos in rnd.token_events()]}
+
+
+def auto_changes(rounds) -> dict:
+    """Round index -> label, for the rounds before which ``schedule="auto"`` chose another draft length."""
+    out, before = {}, None
+    for r in rounds:
+        if r.expected_speedup is not None and r.num_draft_tokens != before:
+            out[r.index] = f"γ={r.num_draft_tokens}, expects {r.expected_speedup:.2f}×"
+        before = r.num_draft_tokens
+    return out
 
 
 class TokenView(anywidget.AnyWidget):
@@ -27,8 +38,8 @@ class TokenView(anywidget.AnyWidget):
 
     def show_rounds(self, rounds, marks: dict | None = None) -> None:
         """Show exactly these rounds (an extension of what is shown is sent as a whole list, drawn incrementally)."""
-        marks = marks or {}
-        self.rounds = [round_tokens(r, marks.get(r.index, "")) for r in rounds]
+        marks, auto = marks or {}, auto_changes(rounds)
+        self.rounds = [round_tokens(r, marks.get(r.index, ""), auto.get(r.index, "")) for r in rounds]
 
     def clear(self) -> None:
         self.rounds = []
