@@ -177,6 +177,9 @@ class SpeculativeDecoder:
                 rnd, hidden = self._round(ids, cache, gen, max_new_tokens - new, hidden, len(trace.rounds))
             trace.rounds.append(rnd)
             emitted = rnd.emitted_ids
+            if not emitted:  # every round adds at least the target's own token or an accepted EOS: never loop
+                raise RuntimeError(f"round {rnd.index} emitted no token (drafted {rnd.draft_ids}, accepted "
+                                   f"{rnd.num_accepted}): a bug in the decoding loop, stopping instead of looping")
             ids.extend(emitted)
             new += len(emitted)
             yield rnd

@@ -168,6 +168,42 @@ def test_accepted_eos_ends_the_run():
         assert trace.token_ids == cut and trace.stop_reason == "eos"
 
 
+class GreedyOracle(mtplab.Drafter):
+    """Drafts the target's own greedy continuation (known in advance): every drafted token is accepted."""
+    name = "oracle"
+
+    def __init__(self, text):
+        self.text = text
+
+    def propose(self, ids, k, cfg, generator, target_hidden=None):
+        return mtplab.Draft(self.text[len(ids): len(ids) + k], None)
+
+
+def test_eos_accepted_inside_a_drafted_block_ends_the_run_there():
+    """An EOS accepted in the middle of a draft is emitted (and the drafted tokens after it are not)."""
+    target = tiny()
+    want = plain_ids(target, PROMPT, 40)
+    eos = want[12]
+    target.eos_token_ids = {eos}
+    cut = want[: want.index(eos) + 1]
+    trace = SpeculativeDecoder(target, GreedyOracle(PROMPT + want), num_draft_tokens=7,
+                               schedule="constant").generate(PROMPT, max_new_tokens=40)
+    assert trace.token_ids == cut and trace.stop_reason == "eos"
+    last = trace.rounds[-1]
+    assert last.draft_ids[last.num_accepted - 1] == eos and last.num_accepted < last.num_drafted
+    assert last.token_id is None and last.emitted_ids[-1] == eos
+
+
+def test_a_round_that_emits_nothing_stops_the_run():
+    target = tiny()
+    dec = SpeculativeDecoder(target, mtplab.PromptLookupDrafter(), num_draft_tokens=2, schedule="constant")
+    real = dec._round
+    dec._round = lambda *a: (lambda rnd, h: (setattr(rnd, "num_accepted", 0) or setattr(rnd, "token_id", None)
+                                             or (rnd, h)))(*real(*a))
+    with pytest.raises(RuntimeError, match="emitted no token"):
+        dec.generate(PROMPT, max_new_tokens=10)
+
+
 def test_max_new_tokens_is_exact():
     target = tiny()
     for n in (1, 2, 5):
