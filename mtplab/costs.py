@@ -66,7 +66,8 @@ def _non_decreasing(values: list) -> list:
 def draft_cost(drafter, target: Target, refresh: bool = False) -> float:
     """c: the drafter's seconds per drafted token / the seconds of a one-token target step, measured in a short real
     decode (γ = 4, greedy) and cached per drafter and target on this machine. Each round's step time comes from its
-    own verify pass (verify seconds / v of its size), so a slow moment of the machine hits both sides alike."""
+    own verify pass (verify seconds / v of its size), so a slow moment of the machine hits both sides alike. (A
+    drafter with a cache of its own fills it when first asked to draft: that catch-up is part of its cost.)"""
     if drafter is None:
         return 0.0
     key = f"{kernels.model_key(target.model)}|{type(drafter).__name__}|{drafter.name}|{_fingerprint(drafter)}"

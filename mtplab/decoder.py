@@ -18,7 +18,7 @@ from . import costs, theory
 from .drafters.base import Drafter
 from .models import Target, crop_cache, forward, new_cache
 from .sampling import SamplingConfig, check_sampling, probs, verify
-from .trace import Round, Trace
+from .trace import Round, Trace, reached_positions
 from .tree import best_branch, build_tree, keep_cache_rows
 
 MAX_DRAFT_TOKENS = 64
@@ -29,37 +29,45 @@ TOP_CANDIDATES = 5
 class AutoDraftLength:
     """``schedule="auto"``: before each round, the γ in 0..num_draft_tokens with the most expected tokens per second
     (:func:`mtplab.theory.best_draft_length`), from this machine's measured verify curve v, the drafter's measured
-    cost c and the run's live conditional acceptance per position (accepted at i / rounds that reached i), each
-    starting from a prior of ``PRIOR_RATE`` worth ``PRIOR_ROUNDS`` rounds. γ = 0 is a plain step; after
-    ``PROBE_AFTER`` of those in a row it drafts once more, in case acceptance has changed."""
+    cost c and the run's live conditional acceptance per position (accepted at i / rounds that reached i).
+
+    Before the run has evidence the rates come from a prior of ``PRIOR_RATE`` worth ``PRIOR_ROUNDS`` rounds. γ = 0
+    is a plain step; after ``PROBE_AFTER`` of those in a row it drafts once more — if drafting would pay were the
+    next ``PRIOR_ROUNDS`` rounds all accepted (an optimistic bound) — and waits twice as long after each probe."""
 
     PRIOR_RATE, PRIOR_ROUNDS, PROBE_AFTER = 0.6, 2.0, 8
 
     def __init__(self, verify_cost: dict, draft_cost: float):
         self.verify_cost, self.draft_cost = verify_cost, draft_cost
         self.accepted, self.reached = [], []
-        self.extra_nodes, self.plain_streak = 0.0, 0
+        self.extra_nodes, self.plain_streak, self.probe_wait = 0.0, 0, self.PROBE_AFTER
 
-    def rates(self, n: int) -> list:
+    def rates(self, n: int, optimistic: bool = False) -> list:
         grow = max(0, n - len(self.reached))
         self.accepted, self.reached = self.accepted + [0] * grow, self.reached + [0] * grow
-        prior = self.PRIOR_RATE * self.PRIOR_ROUNDS
-        return [(a + prior) / (r + self.PRIOR_ROUNDS) for a, r in zip(self.accepted[:n], self.reached[:n])]
+        prior, w = (1.0 if optimistic else self.PRIOR_RATE), self.PRIOR_ROUNDS
+        return [(a + w * prior) / (r + w) for a, r in zip(self.accepted[:n], self.reached[:n])]
 
     def choose(self, max_gamma: int) -> tuple:
         """``(γ, expected walltime factor)`` for the next round."""
-        rates = self.rates(max_gamma)
-        gamma, factor = theory.best_draft_length(rates, self.draft_cost, self.verify_cost, self.extra_nodes)
-        self.plain_streak = self.plain_streak + 1 if gamma == 0 else 0
-        if self.plain_streak > self.PROBE_AFTER:
-            self.plain_streak = 0
-            gamma, factor = theory.best_draft_length(rates, self.draft_cost, self.verify_cost, self.extra_nodes,
-                                                     allow_plain=False)
+        gamma, factor = theory.best_draft_length(self.rates(max_gamma), self.draft_cost, self.verify_cost,
+                                                 self.extra_nodes)
+        if gamma:
+            self.plain_streak, self.probe_wait = 0, self.PROBE_AFTER
+            return gamma, factor
+        self.plain_streak += 1
+        if self.plain_streak > self.probe_wait:
+            self.plain_streak, self.probe_wait = 0, 2 * self.probe_wait
+            hope, _ = theory.best_draft_length(self.rates(max_gamma, optimistic=True), self.draft_cost,
+                                               self.verify_cost, self.extra_nodes)
+            if hope:  # a probe: the best draft, although it is not expected to pay
+                gamma, factor = theory.best_draft_length(self.rates(max_gamma), self.draft_cost, self.verify_cost,
+                                                         self.extra_nodes, allow_plain=False)
         return gamma, factor
 
     def observe(self, rnd: Round) -> None:
         self.rates(rnd.num_drafted)
-        for i in range(min(rnd.num_drafted, rnd.num_accepted + 1)):  # positions this round reached
+        for i in reached_positions(rnd):
             self.reached[i] += 1
             self.accepted[i] += i < rnd.num_accepted
         if rnd.tree_nodes:  # a tree pass reads more rows than the main draft: a running mean of how many more

@@ -170,6 +170,12 @@ class Trace:
         )
 
 
+def reached_positions(rnd) -> range:
+    """The draft positions a round reached: every drafted position up to the first rejection, that one included
+    (the denominator of a *conditional* per-position rate: accepted at i / rounds that reached i)."""
+    return range(min(rnd.num_drafted, rnd.num_accepted + 1))
+
+
 def per_position_acceptance(rounds) -> tuple:
     """``(rates, accepted, drafted)`` per draft position, as vLLM reports them: position i accepted / rounds that
     drafted position i (over any rounds, e.g. of several traces)."""

@@ -80,16 +80,38 @@ def fake_costs(monkeypatch, v, c):
 def test_auto_decodes_plainly_when_no_draft_pays(monkeypatch):
     target = tiny()
     plain = SpeculativeDecoder(target, None).generate(PROMPT, 40)
-    fake_costs(monkeypatch, {g: 1 + 0.8 * g for g in range(16)}, 0.3)
+    fake_costs(monkeypatch, {g: 1 + 0.5 * g for g in range(16)}, 0.3)
     trace = SpeculativeDecoder(target, Oracle(plain.prompt_ids + plain.token_ids, wrong=True),
                                num_draft_tokens=6).generate(PROMPT, 40)
     assert trace.token_ids == plain.token_ids
     lengths = [r.num_draft_tokens for r in trace.rounds]
-    probes = [k for k in lengths if k]
-    assert lengths.count(0) >= 30 and 1 <= len(probes) <= len(lengths) // AutoDraftLength.PROBE_AFTER + 1
+    first = AutoDraftLength.PROBE_AFTER + 1
+    # plain from the start (prior 0.6: a draft would not pay); one probe after 8 plain rounds (it would pay if
+    # accepted); rejected, it leaves no hope that drafting pays, so no more probes
+    assert lengths == [0] * (first - 1) + [1] + [0] * (len(lengths) - first)
     assert all(r.expected_speedup == pytest.approx(1.0) for r in trace.rounds if r.num_draft_tokens == 0)
     assert trace.config["schedule"] == "auto" and trace.config["draft_cost"] == 0.3
-    assert trace.config["verify_cost"][:3] == pytest.approx([1.0, 1.8, 2.6])
+    assert trace.config["verify_cost"][:3] == pytest.approx([1.0, 1.5, 2.0])
+
+
+def test_auto_probes_again_while_drafting_could_pay(monkeypatch):
+    """Probes after 8, then 16 more plain rounds while a run of accepts could still make drafting pay."""
+    target = tiny()
+    plain = SpeculativeDecoder(target, None).generate(PROMPT, 60)
+    fake_costs(monkeypatch, {g: 1 + 0.1 * g for g in range(16)}, 0.5)
+    trace = SpeculativeDecoder(target, Oracle(plain.prompt_ids + plain.token_ids, wrong=True),
+                               num_draft_tokens=6).generate(PROMPT, 60)
+    lengths = [r.num_draft_tokens for r in trace.rounds]
+    assert [i for i, k in enumerate(lengths) if k] == [8, 25, 58][: sum(1 for k in lengths if k)]
+    assert sum(1 for k in lengths if k) >= 2
+
+
+def test_auto_never_drafts_a_drafter_that_cannot_pay(monkeypatch):
+    """c = 0.9 with v(1) = 1.13: even an always-accepted draft would not pay; not even a probe is spent on it."""
+    target = tiny()
+    fake_costs(monkeypatch, {g: 1 + 0.13 * g for g in range(16)}, 0.9)
+    trace = SpeculativeDecoder(target, mtplab.PromptLookupDrafter(1), num_draft_tokens=4).generate(PROMPT, 40)
+    assert all(r.num_draft_tokens == 0 for r in trace.rounds)
 
 
 def test_auto_drafts_long_when_acceptance_is_high(monkeypatch):

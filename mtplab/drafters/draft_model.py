@@ -33,15 +33,13 @@ class DraftModelDrafter(Drafter):
         self.target = target
 
     def reset(self, prompt_ids, target_hidden=None) -> None:
-        self.cache = new_cache(self.model)
-        if len(prompt_ids) > 1:
-            forward(self.model, prompt_ids[:-1], self.cache, logits=False)
+        self.cache = new_cache(self.model)  # filled when first asked to draft (auto may never ask)
 
     def propose(self, ids, k, cfg, generator, target_hidden=None) -> Draft:
-        feed = ids[self.cache.get_seq_length():]  # the tokens the last round settled, not yet in our cache
+        feed = ids[self.cache.get_seq_length():]  # the tokens not yet in our cache (the prompt, on the first call)
         tokens, qs = [], []
         for _ in range(k):
-            logits, _ = forward(self.model, feed, self.cache)
+            logits, _ = forward(self.model, feed, self.cache, logits=False)  # the last row's logits only
             q = probs(logits[-1], cfg)
             token = choose(logits[-1], q, cfg, generator)
             tokens.append(token)
