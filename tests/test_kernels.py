@@ -178,3 +178,26 @@ def test_bundled_target_runs_tuned_kernels_exactly(bundled):
         assert (last_logits(model, seq, n) - plain_logits(model, seq, n)).abs().max() < 1e-4
     assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))
     pickle.dumps(model)
+
+
+def test_plan_is_used_only_where_whole_passes_got_faster(kernel_cache, monkeypatch):
+    """check_whole_passes keeps the plan for the pass sizes it made faster; models.forward then swaps the modules
+    for those sizes only."""
+    target = tuned_tiny()
+    model = target.model
+    plan = kernels.plan_of(model)
+    fake = {"plain": {n: 1.0 for n in range(1, 17)}, "tuned": {n: 0.9 if n in (3, 4) else 1.1 for n in range(1, 17)}}
+    monkeypatch.setattr(kernels, "measure_passes", lambda *a, **k: fake)
+    kernels.check_whole_passes(model, lambda n: None, refresh=True, progress=False)
+    assert [plan.engaged(n) for n in range(1, 17)] == [n in (3, 4) for n in range(1, 17)]
+    seen = []
+    probe = plan.modules[0]
+    handle = probe.register_forward_hook(lambda m, a, o: seen.append((a[0].numel() // a[0].shape[-1], type(m))))
+    try:
+        cache = models.new_cache(model)
+        with torch.inference_mode():
+            for n in (1, 2, 3, 4, 5):
+                models.forward(model, list(range(1, 1 + n)), cache)
+    finally:
+        handle.remove()
+    assert [t is kernels.TunedLinear for _, t in seen] == [False, False, True, True, False]
