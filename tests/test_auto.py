@@ -5,23 +5,10 @@ import pytest
 import mtplab
 from mtplab import costs, kernels, theory
 from mtplab.decoder import AutoDraftLength, SpeculativeDecoder
-from mtplab.drafters.base import Draft, Drafter
 
-from conftest import tiny
+from conftest import Oracle, tiny
 
 PROMPT = [1, 2, 3, 4, 5, 6, 1, 2, 3]
-
-
-class Oracle(Drafter):
-    """Drafts the target's own greedy continuation (known in advance), or always-wrong tokens."""
-    name = "oracle"
-
-    def __init__(self, text, wrong=False):
-        self.text, self.wrong = text, wrong
-
-    def propose(self, ids, k, cfg, generator, target_hidden=None):
-        truth = self.text[len(ids): len(ids) + k]
-        return Draft([(t + 1) % 64 for t in truth] if self.wrong else truth, None)
 
 
 def test_expected_tokens_by_position_is_leviathans_formula_for_equal_rates():
@@ -77,14 +64,20 @@ def fake_costs(monkeypatch, v, c):
     monkeypatch.setattr(costs, "draft_cost", lambda drafter, target, **kw: c)
 
 
-def test_auto_decodes_plainly_when_no_draft_pays(monkeypatch):
+def rejected_drafts(monkeypatch, v, c, n):
+    """Draft lengths auto chooses for a drafter whose every draft is rejected, under costs ``v`` and ``c``; the
+    output must still be the target's."""
     target = tiny()
-    plain = SpeculativeDecoder(target, None).generate(PROMPT, 40)
-    fake_costs(monkeypatch, {g: 1 + 0.5 * g for g in range(16)}, 0.3)
+    plain = SpeculativeDecoder(target, None).generate(PROMPT, n)
+    fake_costs(monkeypatch, v, c)
     trace = SpeculativeDecoder(target, Oracle(plain.prompt_ids + plain.token_ids, wrong=True),
-                               num_draft_tokens=6).generate(PROMPT, 40)
+                               num_draft_tokens=6).generate(PROMPT, n)
     assert trace.token_ids == plain.token_ids
-    lengths = [r.num_draft_tokens for r in trace.rounds]
+    return trace, [r.num_draft_tokens for r in trace.rounds]
+
+
+def test_auto_decodes_plainly_when_no_draft_pays(monkeypatch):
+    trace, lengths = rejected_drafts(monkeypatch, {g: 1 + 0.5 * g for g in range(16)}, 0.3, 40)
     first = AutoDraftLength.PROBE_AFTER + 1
     # plain from the start (prior 0.6: a draft would not pay); one probe after 8 plain rounds (it would pay if
     # accepted); rejected, it leaves no hope that drafting pays, so no more probes
@@ -96,12 +89,7 @@ def test_auto_decodes_plainly_when_no_draft_pays(monkeypatch):
 
 def test_auto_probes_again_while_drafting_could_pay(monkeypatch):
     """Probes after 8, then 16 more plain rounds while a run of accepts could still make drafting pay."""
-    target = tiny()
-    plain = SpeculativeDecoder(target, None).generate(PROMPT, 60)
-    fake_costs(monkeypatch, {g: 1 + 0.1 * g for g in range(16)}, 0.5)
-    trace = SpeculativeDecoder(target, Oracle(plain.prompt_ids + plain.token_ids, wrong=True),
-                               num_draft_tokens=6).generate(PROMPT, 60)
-    lengths = [r.num_draft_tokens for r in trace.rounds]
+    _, lengths = rejected_drafts(monkeypatch, {g: 1 + 0.1 * g for g in range(16)}, 0.5, 60)
     assert [i for i, k in enumerate(lengths) if k] == [8, 25, 58][: sum(1 for k in lengths if k)]
     assert sum(1 for k in lengths if k) >= 2
 

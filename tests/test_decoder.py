@@ -6,7 +6,7 @@ import mtplab
 from mtplab import SpeculativeDecoder
 from mtplab.models import forward, new_cache
 
-from conftest import tiny
+from conftest import Oracle, tiny
 
 PROMPT = [1, 2, 3, 4, 5, 6, 1, 2, 3]
 
@@ -157,36 +157,26 @@ def test_stop_ends_stream_cleanly():
     assert len(dec.trace.rounds) == 4 and dec.trace.stop_reason == "stopped"
 
 
-def test_accepted_eos_ends_the_run():
+def eos_target():
+    """A tiny target whose 13th greedy token is its EOS: ``(target, its greedy text, the text up to the EOS)``."""
     target = tiny()
     want = plain_ids(target, PROMPT, 40)
-    eos = want[12]
-    target.eos_token_ids = {eos}
-    cut = want[: want.index(eos) + 1]
+    target.eos_token_ids = {want[12]}
+    return target, want, want[: want.index(want[12]) + 1]
+
+
+def test_accepted_eos_ends_the_run():
+    target, want, cut = eos_target()
     for drafter in (None, mtplab.PromptLookupDrafter(), mtplab.LayerSkipDrafter(target, exit_layer=1)):
         trace = SpeculativeDecoder(target, drafter, num_draft_tokens=7, schedule="constant").generate(PROMPT, max_new_tokens=40)
         assert trace.token_ids == cut and trace.stop_reason == "eos"
 
 
-class GreedyOracle(mtplab.Drafter):
-    """Drafts the target's own greedy continuation (known in advance): every drafted token is accepted."""
-    name = "oracle"
-
-    def __init__(self, text):
-        self.text = text
-
-    def propose(self, ids, k, cfg, generator, target_hidden=None):
-        return mtplab.Draft(self.text[len(ids): len(ids) + k], None)
-
-
 def test_eos_accepted_inside_a_drafted_block_ends_the_run_there():
     """An EOS accepted in the middle of a draft is emitted (and the drafted tokens after it are not)."""
-    target = tiny()
-    want = plain_ids(target, PROMPT, 40)
-    eos = want[12]
-    target.eos_token_ids = {eos}
-    cut = want[: want.index(eos) + 1]
-    trace = SpeculativeDecoder(target, GreedyOracle(PROMPT + want), num_draft_tokens=7,
+    target, want, cut = eos_target()
+    eos = cut[-1]
+    trace = SpeculativeDecoder(target, Oracle(PROMPT + want), num_draft_tokens=7,
                                schedule="constant").generate(PROMPT, max_new_tokens=40)
     assert trace.token_ids == cut and trace.stop_reason == "eos"
     last = trace.rounds[-1]
