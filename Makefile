@@ -3,8 +3,11 @@
 setup:
 	bash scripts/setup.sh
 
+# JupyterLab refuses to start as root without --allow-root (containers and cloud VMs often run as root)
+LAB_FLAGS := $(if $(filter 0,$(shell id -u)),--allow-root,)
+
 lab: setup
-	.venv/bin/jupyter lab notebooks/01_quickstart.ipynb
+	.venv/bin/jupyter lab $(LAB_FLAGS) notebooks/01_quickstart.ipynb
 
 test: setup
 	.venv/bin/python -m pytest -q --durations=12

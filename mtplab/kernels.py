@@ -38,7 +38,6 @@ import platform
 import shutil
 import statistics
 import subprocess
-import sys
 import threading
 import time
 import weakref
@@ -369,7 +368,7 @@ def tune(model: nn.Module, run_pass: Callable[[int], None], reps: int = 2, rows=
             for group in groups.values():
                 _check_exact(KERNELS[name], group[0])
         samples = _samples(groups, COPY_BUDGET * parameter_bytes(model))
-        saved = {m: _CHOICES.pop(m, None) for m in mods}
+        saved, saved_plan = {m: _CHOICES.pop(m, None) for m in mods}, _PLANS.get(model)
         times = {}
         bar = tqdm(total=reps * len(rows) * len(names), desc="Tuning kernels for this CPU", unit="pass",
                    disable=not progress)
@@ -395,6 +394,8 @@ def tune(model: nn.Module, run_pass: Callable[[int], None], reps: int = 2, rows=
         finally:
             bar.close()
             _PLANS.pop(model, None)
+            if saved_plan is not None:
+                _PLANS[model] = saved_plan
             for m, choice in saved.items():
                 if choice is not None:
                     _CHOICES[m] = choice

@@ -80,3 +80,16 @@ def test_format_table_on_synthetic_rows():
     assert lines[-1].startswith("speedup = plain s/token / speculative s/token, measured interleaved in this run")
     assert "3 prompts, 32 new tokens" in lines[-1] and f"machine: {cpu_model()}, " in lines[-1]
     assert len({len(line) for line in lines[:2]}) == 1  # header and rule line up
+
+
+def test_make_lab_starts_jupyterlab_as_root_too():
+    """`make lab` (the README's main command) passes --allow-root exactly when the user is root."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    out = subprocess.run(["make", "-n", "lab"], cwd=Path(__file__).parent.parent, capture_output=True, text=True,
+                         check=True).stdout
+    line = next(ln for ln in out.splitlines() if "jupyter lab" in ln)
+    assert line.endswith("notebooks/01_quickstart.ipynb")
+    assert ("--allow-root" in line) == (os.geteuid() == 0)

@@ -1,6 +1,5 @@
 """bench.greedy_acceptance: acceptance found from the target's greedy text alone equals the decoder's, round for round."""
 import pytest
-import torch
 
 import mtplab
 from mtplab import SpeculativeDecoder
