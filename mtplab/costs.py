@@ -47,8 +47,8 @@ def as_verify_cost(seconds: dict) -> dict:
     γ first (a longer pass never costs less; adjacent measurements that say otherwise are noise, pooled to their
     mean)."""
     ns = sorted(seconds)
-    return {n - 1: s / _non_decreasing([seconds[m] for m in ns])[0]
-            for n, s in zip(ns, _non_decreasing([seconds[m] for m in ns]))}
+    fit = _non_decreasing([seconds[n] for n in ns])
+    return {n - 1: s / fit[0] for n, s in zip(ns, fit)}
 
 
 def _non_decreasing(values: list) -> list:

