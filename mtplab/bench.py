@@ -6,8 +6,8 @@ configuration, over all prompts:
 
 * mean acceptance length = new tokens / rounds;  acceptance rate = accepted / drafted;
 * tokens/s = new tokens / seconds (``trace.metrics.seconds``: prefill + every round);
-* speedup = plain seconds per token / speculative seconds per token;
-* c (draft cost ratio) = draft seconds per drafted token / plain seconds per decoding step (prefill excluded).
+* speedup = plain seconds per token / speculative seconds per token (:func:`mtplab.trace.speedup_of`);
+* c = draft seconds per drafted token / plain seconds per decoding step (:func:`mtplab.costs.draft_cost_ratio`).
 
 transformers' own ``generate`` (prompt lookup, assisted generation) is measured the same way against its own plain
 ``generate``, plus one row comparing mtplab's plain loop with transformers' plain ``generate``.
@@ -20,7 +20,9 @@ from importlib import resources
 
 import torch
 
+from . import costs, kernels
 from .drafters.registry import NAMES
+from .trace import speedup_of
 
 DRAFTERS = tuple(n for n in NAMES if n != "none")
 
@@ -82,7 +84,7 @@ def _hf_generate(model, ids, max_new_tokens, temperature, seed, **kw):
 def _row(engine, method, gamma, temperature, tokens, seconds, plain_tokens, plain_seconds, **extra) -> dict:
     return dict(engine=engine, method=method, gamma=gamma, temperature=temperature, new_tokens=tokens,
                 tokens_per_second=tokens / seconds, plain_tokens_per_second=plain_tokens / plain_seconds,
-                speedup=(plain_seconds / plain_tokens) / (seconds / tokens), **extra)
+                speedup=speedup_of(tokens, seconds, plain_tokens, plain_seconds), **extra)
 
 
 def _mtplab_row(target, drafter, gamma, schedule, temperature, prompts, max_new_tokens, seed, record, bar) -> dict:
@@ -97,14 +99,13 @@ def _mtplab_row(target, drafter, gamma, schedule, temperature, prompts, max_new_
     s, b = [t.metrics for t, _ in pairs], [t.metrics for _, t in pairs]
     tokens, drafted = _sum(s, "new_tokens"), _sum(s, "drafted")
     rounds = [r for t, _ in pairs for r in t.rounds]
-    plain_steps = _sum(b, "draft_seconds") + _sum(b, "verify_seconds") + _sum(b, "bookkeeping_seconds")
-    plain_step = plain_steps / _sum(b, "new_tokens")  # seconds per decoding step, prefill excluded
+    plain_step = costs.step_seconds([r for _, t in pairs for r in t.rounds])
     return _row(
         "mtplab", drafter.name, gamma, temperature,
         tokens, _sum(s, "seconds"), _sum(b, "new_tokens"), _sum(b, "seconds"),
         mean_acceptance_length=tokens / _sum(s, "rounds"),
         acceptance_rate=_sum(s, "accepted") / drafted if drafted else 0.0,
-        draft_cost_ratio=(_sum(s, "draft_seconds") / drafted) / plain_step if drafted else None,
+        draft_cost_ratio=costs.draft_cost_ratio(rounds, plain_step) if drafted else None,
         exact=all(a.token_ids == p.token_ids for a, p in pairs) if temperature == 0 else None,
         per_position_acceptance=per_position_acceptance(rounds)[0],
         verify_tokens=sum(r.verify_tokens for r in rounds) / len(rounds),
@@ -166,75 +167,88 @@ def _recording_row(target, prompts, max_new_tokens, seed, bar) -> dict:
     return row
 
 
-def greedy_acceptance(target, drafter, prompts=None, gammas=(4,), max_new_tokens: int = 64) -> dict:
-    """Greedy acceptance of ``drafter`` per γ, found without running the speculative decoder.
+class Replay:
+    """The target's passes over a text it is known to produce greedily (see :class:`mtplab.decoder.TargetPasses`):
+    a pass returns one-hot logits on the text's next token and the hidden states of one full forward over the
+    text. Greedy verification only reads the argmax, and the drafter only reads hidden states of accepted tokens,
+    which are the text's, so the decoder's own round runs unchanged without the model."""
 
-    Greedy speculative output is the target's own greedy text, whatever the drafter proposes, and a round accepts
-    exactly the longest common prefix of its draft and that text. So one plain greedy run and one forward pass per
-    prompt (for the target's hidden states) fix every round's context, and only the drafter has to run: seconds
-    instead of minutes, which makes it the tool for tuning a drafter on development prompts (e.g.
-    ``load_prompts("dev")``). Equal to the decoder's numbers up to floating-point ties (a full forward and the
-    decoder's incremental passes may differ in the last bits). Drafters that read the target's KV cache
-    (``needs_target_cache``) need the real decoder.
+    cache = None  # no KV cache: drafters that read the target's cache need the real decoder
+
+    def __init__(self, text: list, hidden, vocab_size: int):
+        self.text, self.hidden, self.vocab_size, self.length = text, hidden, vocab_size, 0
+
+    def prefill(self, ids, hidden):
+        self.length = len(ids)
+        return None if not hidden else self.hidden[: len(ids)]
+
+    def verify(self, inputs, hidden, tree=None):
+        start, end = self.length, len(self.text) - 1  # the pending token sits at position `start`
+        at = [min(start + d, end) for d in ([0] + tree.depths if tree else range(len(inputs)))]
+        logits = torch.zeros(len(inputs), self.vocab_size)
+        # the token after position i is text[i + 1]; past the text (after an accepted EOS) nothing is read
+        logits[torch.arange(len(inputs)), torch.tensor([self.text[min(i + 1, end)] for i in at])] = 1.0
+        self.length += len(inputs)
+        return logits, (self.hidden[at] if hidden else None)
+
+    def keep_rows(self, start, rows):
+        self.length = start + len(rows)
+
+    def crop(self, length):
+        self.length = length
+
+    def __len__(self):
+        return self.length
+
+
+def greedy_acceptance(target, drafter, prompts=None, gammas=(4,), max_new_tokens: int = 64) -> dict:
+    """Greedy acceptance of ``drafter`` per γ, found without running the target in the speculative decoder.
+
+    Greedy speculative output is the target's own greedy text, whatever the drafter proposes. So one plain greedy
+    run and one forward pass per prompt (for the target's hidden states) fix every round's context, and the
+    decoder's own rounds run against a :class:`Replay` of that text: only the drafter computes, seconds instead of
+    minutes, which makes it the tool for tuning a drafter on development prompts (e.g. ``load_prompts("dev")``).
+    Equal to the real decoder's numbers up to floating-point ties (a full forward and the decoder's incremental
+    passes may differ in the last bits). Drafters that read the target's KV cache (``needs_target_cache``) need
+    the real decoder.
 
     Returns ``{γ: {"mean_acceptance_length", "per_position_acceptance", "per_prompt", "verify_tokens"}}`` (pooled as
     in the bench; ``verify_tokens``: mean tokens per verify pass, pending token and every tree node included).
     """
-    from types import SimpleNamespace
-
     from .decoder import SpeculativeDecoder
     from .models import forward, new_cache
-    from .sampling import SamplingConfig
     from .trace import per_position_acceptance
-    from .tree import best_branch, build_tree
 
     if drafter.needs_target_cache:
         raise ValueError(f"{drafter!r} reads the target's KV cache; measure it with run_bench instead")
     if not gammas or not all(isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in gammas):
         raise ValueError(f"gammas must be a non-empty list of integers >= 1, got {gammas!r}")
-    drafter.bind(target)
     plain = SpeculativeDecoder(target, None, record=False)
-    runs = []
+    runs = []  # (prompt ids, the target's greedy text after them, hidden states over both)
     token_lists = isinstance(prompts, list) and prompts and all(isinstance(p, list) for p in prompts)
     for prompt in (prompts if token_lists else _prompt_texts(prompts)):  # texts, or token-id lists
         trace = plain.generate(prompt, max_new_tokens)
-        ids = list(trace.prompt_ids) + list(trace.token_ids)
+        text = list(trace.prompt_ids) + list(trace.token_ids)
         hidden = None
         if drafter.uses_target_hidden:
             with torch.inference_mode():
-                hidden = forward(target.model, ids, new_cache(target.model), hidden=True, logits=False)[1]
-        runs.append((ids, len(trace.prompt_ids), hidden))
-    cfg, out = SamplingConfig(), {}
+                hidden = forward(target.model, text, new_cache(target.model), hidden=True, logits=False)[1]
+        runs.append((list(trace.prompt_ids), text, hidden))
+    out = {}
     for gamma in gammas:
-        counts, per_prompt, rows = [], [], []  # counts: (drafted, accepted) per round; rows: tokens per verify pass
-        for ids, start, hidden in runs:
-            g, rounds = start, 0
-            with torch.inference_mode():
-                drafter.reset(ids[:g], None if hidden is None else hidden[g - 2])
-                drafter.observe(None if hidden is None else hidden[: g - 1], None)
-                while g < len(ids):
-                    k = min(gamma, max_new_tokens - (g - start) - 1)
-                    h = None if hidden is None else hidden[g - 2]
-                    proposed = drafter.propose(ids[:g], k, cfg, torch.Generator(), h) if k > 0 else None
-                    # the draft, or a tree of drafts (mtplab.tree): the target's greedy choice after a node at depth
-                    # d on the followed path is the text's token g + d (none past the end), so best_branch applies
-                    tree = build_tree([] if proposed is None else [proposed.tokens[:k]] + [
-                        b[:k] for b in proposed.branches or [] if b])
-                    argmax = [ids[g + d] if g + d < len(ids) else -1 for d in [0] + tree.depths]
-                    branch, a = best_branch(tree, argmax) if tree.branches else (0, 0)
-                    counts.append((len(tree.branches[branch]) if tree.branches else 0, a))
-                    rows.append(1 + len(tree.tokens))
-                    final = g + a + (g + a < len(ids))  # + the target's own token, unless an accepted EOS ended it
-                    drafter.rollback(final)
-                    drafter.observe(None if hidden is None else hidden[g - 1: final - 1], None)
-                    g, rounds = final, rounds + 1
-            per_prompt.append((len(ids) - start) / rounds)
+        spec = SpeculativeDecoder(target, drafter, num_draft_tokens=gamma, schedule="constant", record=False)
+        traces = []
+        for ids, text, hidden in runs:
+            trace = spec.generate(ids, max_new_tokens, passes=Replay(text, hidden, target.vocab_size))
+            if trace.prompt_ids + trace.token_ids != text:
+                raise RuntimeError(f"the replayed run left the target's greedy text at γ={gamma}: a decoder bug")
+            traces.append(trace)
+        rounds = [r for t in traces for r in t.rounds]
         out[gamma] = dict(
-            mean_acceptance_length=sum(len(ids) - start for ids, start, _ in runs) / len(counts),
-            per_position_acceptance=per_position_acceptance(
-                [SimpleNamespace(num_drafted=d, num_accepted=a) for d, a in counts])[0],
-            per_prompt=per_prompt,
-            verify_tokens=sum(rows) / len(rows),
+            mean_acceptance_length=sum(len(t.token_ids) for t in traces) / len(rounds),
+            per_position_acceptance=per_position_acceptance(rounds)[0],
+            per_prompt=[t.metrics.mean_acceptance_length for t in traces],
+            verify_tokens=sum(r.verify_tokens for r in rounds) / len(rounds),
         )
     return out
 
@@ -359,4 +373,43 @@ def format_table(rows) -> str:
         f"{rows[0].get('prompts', '?')} prompts, {rows[0].get('max_new_tokens', '?')} new tokens, "
         f"machine: {machine}, torch {torch.__version__}"
     )
+    return "\n".join(lines)
+
+
+def cost_report(target, drafters=("mtp", "prompt-lookup"), layers: int | None = None, reps: int = 5) -> str:
+    """``mtplab bench --costs``: this machine's cost curve as text (every number measured now, interleaved)."""
+    from . import theory
+    from .decoder import draft_cost
+    from .drafters import registry
+
+    plan = kernels.plan_of(target.model)
+    passes = costs.pass_seconds(target, refresh=True, reps=reps)
+    step = passes["plain"][1]
+    lines = [f"machine: {kernels.cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+             f"target: {target.name}, {kernels.parameter_bytes(target.model) / 1e6:.0f} MB of weights",
+             "kernel plan (rows: kernel):" if plan else f"kernel plan: none (MTPLAB_KERNELS={kernels.mode()}, or "
+             "a model small enough to stay in the CPU cache)"]
+    if plan:
+        lines += ["  " + line for line in plan.describe().splitlines()]
+    rows = list(passes["plain"])
+    lines.append(f"target pass over n tokens, in one-token F.linear steps (median of {reps}, interleaved):")
+    lines.append("  n          " + " ".join(f"{n:>5}" for n in rows))
+    for name, label in (("plain", "F.linear"), ("tuned", "plan")):
+        if name in passes:
+            lines.append(f"  {label:<10} " + " ".join(f"{passes[name][n] / step:5.2f}" for n in rows))
+    if plan:
+        lines.append("  used       " + " ".join(f"{'plan' if plan.engaged(n) else 'F.lin':>5}" for n in rows))
+    v = costs.verify_curve(target)
+    used_step = step * v[0] if not plan or not plan.engaged(1) else passes["tuned"][1]
+    roof = costs.roofline_seconds(target)
+    lines.append(f"plain decoding: {1 / used_step:.1f} tokens/s ({1e3 * used_step:.1f} ms a step); fp32 memory "
+                 f"roofline {1e3 * roof:.1f} ms ({kernels.parameter_bytes(target.model) / 1e6:.0f} MB at "
+                 f"{costs.memory_bandwidth() / 1e9:.1f} GB/s): a step takes {used_step / roof:.2f}x the roofline")
+    lines.append("draft cost c (seconds per drafted token / one-token step) and the γ auto drafts at acceptance α:")
+    for name in drafters:
+        if name == "none" or name not in registry.names(target):
+            continue
+        c = draft_cost(registry.make(name, target, layers), target, refresh=True)
+        picks = "  ".join(f"α={a}: γ={theory.best_draft_length([a] * 8, c, v)[0]}" for a in (0.3, 0.5, 0.7, 0.9))
+        lines.append(f"  {name:<14} c = {c:.3f}   {picks}")
     return "\n".join(lines)

@@ -79,10 +79,10 @@ def cmd_bench(args) -> None:
     opts = {k: getattr(args, k) if getattr(args, k) is not None else v
             for k, v in (QUICK if args.quick else BENCH_DEFAULTS).items()}
     if args.costs:
-        from .costs import report
+        from .bench import cost_report
         from .models import load_target
 
-        print(report(load_target(args.model), args.drafters, args.layers))
+        print(cost_report(load_target(args.model), args.drafters, args.layers))
         return
     rows = run_bench(target=args.model, drafters=args.drafters, layers=args.layers, schedule=args.schedule,
                      seed=args.seed, hf=not args.no_hf, record=not args.no_record,

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from . import costs, theory
+from . import costs, kernels, theory
 from .drafters.base import Drafter
 from .models import Target, crop_cache, forward, new_cache
 from .sampling import SamplingConfig, check_sampling, probs, verify
@@ -24,6 +24,34 @@ from .tree import best_branch, build_tree, keep_cache_rows
 MAX_DRAFT_TOKENS = 64
 SCHEDULES = ("auto", "constant", "heuristic")
 TOP_CANDIDATES = 5
+CALIBRATION_PROMPT = "Write a short story about a robot who learns to paint."  # draft_cost's decode
+
+
+class TargetPasses:
+    """The target's side of the loop: its KV cache and its forward passes. ``mtplab.bench.greedy_acceptance``
+    swaps in a replay of a text the target is known to produce, so that it runs this same loop without the model."""
+
+    def __init__(self, model):
+        self.model, self.cache = model, new_cache(model)
+
+    def prefill(self, ids: list, hidden: bool):
+        """Run the prompt (all but its newest token) into the cache; its last hidden states if asked."""
+        return forward(self.model, ids, self.cache, hidden=hidden, logits=False)[1]
+
+    def verify(self, inputs: list, hidden: bool, tree=None) -> tuple:
+        """``(logits, hidden or None)``, one row per input (the pending token, then the draft or the tree's nodes)."""
+        return forward(self.model, inputs, self.cache, hidden=hidden, tree=tree)
+
+    def keep_rows(self, start: int, rows: list) -> None:
+        """Keep only the cache rows of the verified tree branch (``rows`` relative to ``start``)."""
+        keep_cache_rows(self.cache, start, rows)
+
+    def crop(self, length: int) -> None:
+        """Roll the cache back to ``length`` tokens (the accepted prefix)."""
+        crop_cache(self.cache, length)
+
+    def __len__(self) -> int:
+        return self.cache.get_seq_length()
 
 
 class AutoDraftLength:
@@ -72,6 +100,39 @@ class AutoDraftLength:
             self.accepted[i] += i < rnd.num_accepted
         if rnd.tree_nodes:  # a tree pass reads more rows than the main draft: a running mean of how many more
             self.extra_nodes += 0.2 * (rnd.tree_nodes - rnd.num_drafted - self.extra_nodes)
+
+
+def draft_cost(drafter, target: Target, refresh: bool = False) -> float:
+    """c: the drafter's seconds per drafted token / the seconds of a one-token target step, measured in a short real
+    decode (γ = 4, greedy) and cached per drafter and target on this machine. Each round's step time comes from its
+    own verify pass (verify seconds / v of its size), so a slow moment of the machine hits both sides alike. (A
+    drafter with a cache of its own fills it when first asked to draft: that catch-up is part of its cost.)"""
+    if drafter is None:
+        return 0.0
+    key = f"{kernels.model_key(target.model)}|{type(drafter).__name__}|{drafter.name}|{_fingerprint(drafter)}"
+    data = kernels.load_measurements()
+    cached = data.setdefault("drafters", {}).get(key)
+    if cached is not None and not refresh:
+        return cached["c"]
+    v = costs.verify_curve(target)
+    dec = SpeculativeDecoder(target, drafter, num_draft_tokens=4, schedule="constant", record=False)
+    prompt = CALIBRATION_PROMPT if target.tokenizer is not None else [(5 + 7 * i) % target.vocab_size for i in range(24)]
+    dec.generate(prompt, max_new_tokens=16, seed=0)  # warm the drafter up (caches, lazy buffers)
+    c = costs.draft_cost_from_rounds(dec.generate(prompt, max_new_tokens=32, seed=0).rounds, v)
+    data = kernels.load_measurements()
+    data.setdefault("drafters", {})[key] = {"drafter": drafter.name, "target": target.name, "c": c}
+    kernels.save_measurements(data)
+    return c
+
+
+def _fingerprint(drafter) -> str:
+    """Parameter count of whatever network the drafter runs (two MTP heads under one name stay apart)."""
+    total = 0
+    for attr in ("head", "model", "assistant", "mtp"):
+        net = getattr(drafter, attr, None)
+        if isinstance(net, torch.nn.Module):
+            total += sum(p.numel() for p in net.parameters())
+    return str(total)
 
 
 class SpeculativeDecoder:
@@ -129,15 +190,18 @@ class SpeculativeDecoder:
         self._stop = True
 
     # --- the loop -------------------------------------------------------------------------------------------
-    def generate(self, prompt, max_new_tokens: int = 64, seed: int = 0, chat_template: bool | None = None) -> Trace:
+    def generate(self, prompt, max_new_tokens: int = 64, seed: int = 0, chat_template: bool | None = None,
+                 passes: TargetPasses | None = None) -> Trace:
         """Decode ``prompt`` and return the complete :class:`Trace`."""
-        for _ in self.stream(prompt, max_new_tokens, seed, chat_template):
+        for _ in self.stream(prompt, max_new_tokens, seed, chat_template, passes):
             pass
         return self.trace
 
-    def stream(self, prompt, max_new_tokens: int = 64, seed: int = 0, chat_template: bool | None = None):
+    def stream(self, prompt, max_new_tokens: int = 64, seed: int = 0, chat_template: bool | None = None,
+               passes: TargetPasses | None = None):
         """Check the arguments now, then return an iterator that yields a :class:`Round` as soon as each one is
-        decided; ``self.trace`` holds the run so far."""
+        decided; ``self.trace`` holds the run so far. ``passes``: the target's passes (default: the real model
+        with a fresh KV cache)."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -152,7 +216,7 @@ class SpeculativeDecoder:
         self._stop = False
         self._auto = None
         if self.schedule == "auto" and self.drafter is not None:  # measured once per machine (cached), then read
-            self._auto = AutoDraftLength(costs.verify_curve(target), costs.draft_cost(self.drafter, target))
+            self._auto = AutoDraftLength(costs.verify_curve(target), draft_cost(self.drafter, target))
         self.trace = Trace(
             prompt=prompt if isinstance(prompt, str) else target.decode(prompt), prompt_ids=list(ids),
             config=dict(target=target.name, drafter=self.drafter_name, num_draft_tokens=self.num_draft_tokens,
@@ -162,27 +226,27 @@ class SpeculativeDecoder:
         if self._auto is not None:
             v = self._auto.verify_cost  # as a list (JSON keeps no int keys): verify_cost[γ] = v(γ)
             self.trace.config.update(verify_cost=[v[g] for g in sorted(v)], draft_cost=self._auto.draft_cost)
-        return self._rounds(ids, max_new_tokens, torch.Generator().manual_seed(seed))
+        return self._rounds(ids, max_new_tokens, torch.Generator().manual_seed(seed), passes)
 
-    def _rounds(self, ids, max_new_tokens, gen):
+    def _rounds(self, ids, max_new_tokens, gen, passes):
         target, drafter, trace = self.target, self.drafter, self.trace
         hidden_needed = drafter is not None and drafter.uses_target_hidden
         t0 = time.perf_counter()
-        cache = new_cache(target.model)
         hidden = None
         with torch.inference_mode():  # entered per step, never across a yield: a stream may resume in another thread
+            passes = TargetPasses(target.model) if passes is None else passes
             if len(ids) > 1:
-                _, hidden = forward(target.model, ids[:-1], cache, hidden=hidden_needed, logits=False)
+                hidden = passes.prefill(ids[:-1], hidden_needed)
             if drafter is not None:
                 drafter.reset(ids, None if hidden is None else hidden[-1])
-                drafter.observe(hidden, cache)
+                drafter.observe(hidden, passes.cache)
             hidden = None if hidden is None else hidden[-1]
         trace.prefill_seconds = time.perf_counter() - t0
         self._k = self._k_base = self.num_draft_tokens
         new = 0
         while new < max_new_tokens and not self._stop:
             with torch.inference_mode():
-                rnd, hidden = self._round(ids, cache, gen, max_new_tokens - new, hidden, len(trace.rounds))
+                rnd, hidden = self._round(ids, passes, gen, max_new_tokens - new, hidden, len(trace.rounds))
             trace.rounds.append(rnd)
             emitted = rnd.emitted_ids
             if not emitted:  # every round adds at least the target's own token or an accepted EOS: never loop
@@ -198,7 +262,7 @@ class SpeculativeDecoder:
             trace.stop_reason = "stopped" if self._stop and new < max_new_tokens else "max_new_tokens"
         trace.text = target.decode(trace.token_ids)
 
-    def _round(self, ids, cache, gen, budget, hidden, index):
+    def _round(self, ids, passes, gen, budget, hidden, index):
         target, drafter, cfg = self.target, self.drafter, self.sampling
         context_len = len(ids)
 
@@ -216,13 +280,13 @@ class SpeculativeDecoder:
         #    furthest is kept (its rows of the pass and of the cache) and verified below as if it were the only draft
         branches = [b[:k] for b in draft.branches if b] if draft is not None and draft.branches and cfg.greedy else []
         tree = build_tree([tokens] + branches) if tokens and branches else None
-        logits, h = forward(target.model, [ids[-1]] + (tree.tokens if tree else tokens), cache,
-                            hidden=drafter is not None and drafter.uses_target_hidden, tree=tree)
-        cache_before, branch = cache.get_seq_length(), 0
+        logits, h = passes.verify([ids[-1]] + (tree.tokens if tree else tokens),
+                                  drafter is not None and drafter.uses_target_hidden, tree)
+        cache_before, branch = len(passes), 0
         if tree is not None:
             branch, _ = best_branch(tree, logits.argmax(-1).tolist())
             rows = [0] + [node + 1 for node in tree.branches[branch]]
-            keep_cache_rows(cache, context_len - 1, rows)
+            passes.keep_rows(context_len - 1, rows)
             logits, h = logits[rows], None if h is None else h[rows]
             tokens, q = [tree.tokens[node] for node in tree.branches[branch]], q if branch == 0 else None
         p = probs(logits, cfg)
@@ -234,16 +298,16 @@ class SpeculativeDecoder:
         eos_at = next((i for i, t in enumerate(tokens[:n]) if t in target.eos_token_ids), None)
         if eos_at is not None:  # an accepted EOS ends the run there
             n = eos_at + 1
-        crop_cache(cache, context_len + n)
+        passes.crop(context_len + n)
         if drafter is not None:
             drafter.rollback(context_len + n)
-            drafter.observe(None if h is None else h[: n + 1], cache)
+            drafter.observe(None if h is None else h[: n + 1], passes.cache)
         rnd = Round(
             index=index, context_len=context_len, drafter=self.drafter_name, num_draft_tokens=k,
             draft_ids=tokens, num_accepted=n, token_id=None if eos_at is not None else v.token,
             token_kind=v.kind, accept_probs=v.accept_probs, draws=v.draws,
             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-            target_cache_before=cache_before, target_cache_len=cache.get_seq_length(),
+            target_cache_before=cache_before, target_cache_len=len(passes),
             drafter_cache_len=0 if drafter is None else drafter.cache_len,
             draft_start_position=None if draft is None else draft.start_position,
             tree_branches=[] if tree is None else [list(draft.tokens[:k])] + branches,

@@ -7,7 +7,8 @@ the configuration and the rounds, plus the metrics derived from them:
 * mean acceptance length = tokens emitted per target forward pass (the bonus/correction token included, as vLLM
   counts it);
 * per-position acceptance rate = rounds that accepted position i / rounds that drafted position i;
-* measured speedup = plain seconds per token / speculative seconds per token (``speedup(spec, plain)``).
+* measured speedup = plain seconds per token / speculative seconds per token (``speedup(spec, plain)``);
+* the draft cost c and the cost model theory needs live in :mod:`mtplab.costs`.
 """
 from __future__ import annotations
 
@@ -185,28 +186,14 @@ def per_position_acceptance(rounds) -> tuple:
     return [a / d for a, d in zip(accepted, drafted)], accepted, drafted
 
 
-def cost_model(spec: Trace, plain: Trace) -> dict:
-    """What theory needs, measured: α (i.i.d. estimate), c (draft seconds per drafted token / plain step seconds)
-    and the verify-cost curve v(γ) (verify seconds of a γ-token round / plain step seconds)."""
-    from .theory import estimate_alpha
-
-    step = sum(r.seconds for r in plain.rounds) / max(1, len(plain.rounds))
-    drafted = [r for r in spec.rounds if r.num_drafted]
-    per_token = sum(r.draft_seconds for r in drafted) / max(1, sum(r.num_drafted for r in drafted))
-    by_k = {}
-    for r in spec.rounds:
-        by_k.setdefault(r.num_drafted, []).append(r.verify_seconds)
-    return dict(
-        alpha=estimate_alpha([(r.num_accepted, r.num_drafted) for r in drafted]),
-        c=per_token / step if step else 0.0,
-        verify_cost={k: sum(v) / len(v) / step for k, v in sorted(by_k.items()) if k and step},
-        plain_step_seconds=step,
-    )
+def speedup_of(tokens: int, seconds: float, plain_tokens: int, plain_seconds: float) -> float:
+    """The speedup formula, the one place it is written: plain seconds per token / speculative seconds per token."""
+    if not (tokens and seconds and plain_tokens and plain_seconds):
+        raise ValueError("a speedup needs two runs that produced tokens and recorded their time")
+    return (plain_seconds / plain_tokens) / (seconds / tokens)
 
 
 def speedup(spec: Trace, plain: Trace) -> float:
-    """Measured speedup: plain seconds per token / speculative seconds per token (same target, same run)."""
+    """Measured speedup of a speculative trace over a plain trace of the same prompt (same target, same run)."""
     s, b = spec.metrics, plain.metrics
-    if not (s.new_tokens and b.new_tokens and s.seconds and b.seconds):
-        raise ValueError("speedup needs two traces that produced tokens and recorded their time")
-    return (b.seconds / b.new_tokens) / (s.seconds / s.new_tokens)
+    return speedup_of(s.new_tokens, s.seconds, b.new_tokens, b.seconds)

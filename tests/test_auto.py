@@ -3,8 +3,8 @@ live acceptance, including γ = 0 (a plain step) when no draft pays."""
 import pytest
 
 import mtplab
-from mtplab import costs, kernels, theory
-from mtplab.decoder import AutoDraftLength, SpeculativeDecoder
+from mtplab import costs, decoder, kernels, theory
+from mtplab.decoder import AutoDraftLength, SpeculativeDecoder, draft_cost
 
 from conftest import Oracle, tiny
 
@@ -61,7 +61,7 @@ def test_policy_learns_conditional_acceptance_per_position():
 
 def fake_costs(monkeypatch, v, c):
     monkeypatch.setattr(costs, "verify_curve", lambda target, **kw: dict(v))
-    monkeypatch.setattr(costs, "draft_cost", lambda drafter, target, **kw: c)
+    monkeypatch.setattr(decoder, "draft_cost", lambda drafter, target, **kw: c)
 
 
 def rejected_drafts(monkeypatch, v, c, n):
@@ -157,11 +157,11 @@ def test_measured_costs_on_a_tiny_target_are_cached(tmp_path, monkeypatch):
     target = tiny(seed=3)
     v = costs.verify_curve(target, progress=False)
     assert sorted(v) == list(range(16)) and v[0] == 1.0 and all(x > 0 for x in v.values())
-    c = costs.draft_cost(mtplab.PromptLookupDrafter(), target)
+    c = draft_cost(mtplab.PromptLookupDrafter(), target)
     assert 0 <= c < 1
     calls = []
     monkeypatch.setattr(kernels, "measure_passes", lambda *a, **k: calls.append(1))
-    assert costs.verify_curve(target) == v and costs.draft_cost(mtplab.PromptLookupDrafter(), target) == c
+    assert costs.verify_curve(target) == v and draft_cost(mtplab.PromptLookupDrafter(), target) == c
     assert calls == []
 
 

@@ -4,6 +4,7 @@ import torch
 
 import mtplab
 from mtplab import SpeculativeDecoder
+from mtplab.decoder import TargetPasses
 from mtplab.models import forward, new_cache
 
 from conftest import Oracle, tiny
@@ -107,12 +108,12 @@ def test_rollback_leaves_caches_equal_to_fresh_prefill():
     target = tiny()
     drafter = mtplab.DraftModelDrafter(tiny(seed=7).model)
     dec = SpeculativeDecoder(target, drafter, num_draft_tokens=5, schedule="constant", temperature=1.0)
-    stream = dec.stream(PROMPT, max_new_tokens=25, seed=3)
+    passes = TargetPasses(target.model)  # the decoder's target side, handed in to look at its cache
+    stream = dec.stream(PROMPT, max_new_tokens=25, seed=3, passes=passes)
     seen = [next(stream) for _ in range(4)]
     assert any(r.num_accepted < r.num_drafted for r in seen), "want at least one rollback to check"
     ids = PROMPT + dec.trace.token_ids
-    # the decoder's target cache, reached through the generator frame
-    cache = stream.gi_frame.f_locals["cache"]
+    cache = passes.cache
     fresh = new_cache(target.model)
     with torch.inference_mode():
         forward(target.model, ids[:-1], fresh, logits=False)

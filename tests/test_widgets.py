@@ -34,7 +34,7 @@ def test_auto_schedule_is_the_default_and_is_shown(pg):
     """The first run (above) used schedule="auto": every round says what it expected, the token view marks the
     rounds where auto changed γ, the dashboard names its choices and draws theory from this machine's v(γ)."""
     from mtplab import costs, theory
-    from mtplab.trace import cost_model
+    from mtplab.costs import cost_model
 
     trace = pg.trace
     assert pg.schedule.value == "auto" and trace.config["schedule"] == "auto"

@@ -8,7 +8,8 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from .. import theory
-from ..trace import cost_model, speedup
+from ..costs import cost_model
+from ..trace import speedup
 from .style import COLORS
 
 GAMMAS = list(range(1, 9))
