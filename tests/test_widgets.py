@@ -81,9 +81,10 @@ def test_bad_value_shows_inline_error_and_keeps_previous_trace(pg):
 def test_stop_cancels_a_running_decode(pg):
     pg.max_new_tokens.value = 400
     pg.prompt.value = "Write a long story about a dragon who learns to bake bread."
+    old = pg.decoder
     pg.run()
     import time
-    while not pg.decoder.trace.rounds:
+    while pg.decoder is old or not pg.decoder.trace.rounds:
         time.sleep(0.05)
     pg.stop()
     pg.wait(60)
