@@ -9,8 +9,8 @@ from plotly.subplots import make_subplots
 
 from .. import theory
 from ..costs import cost_model
+from ..palette import COLORS
 from ..trace import speedup
-from .style import COLORS
 
 GAMMAS = list(range(1, 9))
 
@@ -30,7 +30,7 @@ class SpeedupDashboard(W.VBox):
         f.add_scatter(name="theory (Leviathan, v=1)", x=[], y=[], mode="lines", line=dict(color=COLORS["theory"], dash="dot"), row=1, col=3)
         f.add_scatter(name="theory (measured v(γ))", x=[], y=[], mode="lines", line=dict(color=COLORS["theory"]), row=1, col=3)
         f.add_scatter(name="measured", x=[], y=[], mode="markers", marker=dict(color=COLORS["measured"], size=10, symbol="diamond"), row=1, col=3)
-        f.add_scatter(name="sweep", x=[], y=[], mode="markers+lines", marker=dict(color=COLORS["bonus"], size=7), row=1, col=3)
+        f.add_scatter(name="sweep", x=[], y=[], mode="markers+lines", marker=dict(color=COLORS["sweep"], size=7), row=1, col=3)
         f.update_layout(barmode="stack", height=320, width=900, margin=dict(l=40, r=10, t=40, b=40),
                         legend=dict(orientation="h", y=-0.25))
         f.update_yaxes(range=[0, 1.05], row=1, col=1)
