@@ -2,14 +2,18 @@
 
 Opens without a kernel (``save_html``) and is what a Trace shows in a notebook (``Trace._repr_html_``).
 Colours and legend come from ``mtplab.palette`` (Okabe–Ito, each token kind with a second cue), like the widgets'.
+It reads a Trace's attributes only: it does not import ``mtplab.trace`` (which imports this module to render itself).
 """
 from __future__ import annotations
 
 import html
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .palette import COLORS, TOKEN_KINDS, kind_css
-from .trace import Trace
+
+if TYPE_CHECKING:
+    from .trace import Trace
 
 CSS = f"""
 .mtplab-trace{{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px;line-height:1.9}}

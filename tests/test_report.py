@@ -1,10 +1,15 @@
-"""The static HTML report on a made-up trace (no model)."""
+"""The static HTML report on a made-up trace (no model), and the one-way import between trace and report."""
+import ast
 import html
+from pathlib import Path
 
 from conftest import made_up_traces
 
-from mtplab import report
+import mtplab
+from mtplab import report, trace
 from mtplab.palette import COLORS, TOKEN_KINDS
+
+SRC = Path(mtplab.__file__).parent
 
 
 def test_report_marks_every_token_and_shows_the_legend_from_the_palette(tmp_path):
@@ -20,3 +25,14 @@ def test_report_marks_every_token_and_shows_the_legend_from_the_palette(tmp_path
         assert f'fill="{COLORS[name]}"' in page
     assert spec._repr_html_() == report.trace_html(spec)
 
+
+def test_report_does_not_import_trace_and_trace_imports_report_once_at_the_top():
+    assert not hasattr(report, "Trace")  # only for type checking
+    tree = ast.parse((SRC / "report.py").read_text())
+    runtime = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert not [n for n in runtime if isinstance(n, ast.ImportFrom) and n.module in ("trace", "mtplab.trace")]
+    assert trace.trace_html is report.trace_html
+    tree = ast.parse((SRC / "trace.py").read_text())
+    late = [n for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+            for n in ast.walk(f) if isinstance(n, ast.ImportFrom) and n.module and "report" in n.module]
+    assert not late
