@@ -1,9 +1,10 @@
 """The command line: ``mtplab run``, ``mtplab bench`` and ``mtplab fetch`` (also ``python -m mtplab``).
 
 ``mtplab run "prompt"`` streams a speculative decode round by round and colours each token by what happened
-to it: accepted draft (green), rejected draft (red, struck through, then dropped), correction (orange), bonus
-(blue), plain target token (default colour). Without a colour terminal (or with ``NO_COLOR`` set) tokens are
-marked ``[+tok]`` ``[-tok]`` ``[!tok]`` ``[*tok]`` instead.
+to it, in the notebook's colours and cues (``mtplab.palette``, as 256-colour terminal codes): accepted draft
+(green), rejected draft (vermillion, struck through, then dropped), correction (orange, underlined), bonus (blue,
+overlined, bold), plain target token (default colour). Without a colour terminal (or with ``NO_COLOR`` set)
+tokens are marked ``[+tok]`` ``[-tok]`` ``[!tok]`` ``[*tok]`` instead.
 """
 from __future__ import annotations
 
@@ -12,16 +13,17 @@ import json
 import os
 import sys
 
-COLORS = {"accepted": "32", "rejected": "31;9", "correction": "38;5;208", "bonus": "34"}
-MARKS = {"accepted": "+", "rejected": "-", "correction": "!", "bonus": "*"}
+from . import palette
+
+MARKS = {"accepted": "+", "rejected": "-", "correction": "!", "bonus": "*"}  # the no-colour cue
 
 
 def _paint(kind: str, text: str, color: bool) -> str:
     if kind == "rejected":
         text = text.replace("\n", "\\n")  # a dropped newline should not break the line
-    if kind not in COLORS:  # "plain": the target's own token, nothing drafted
+    if kind not in MARKS:  # "plain": the target's own token, nothing drafted
         return text
-    return f"\x1b[{COLORS[kind]}m{text}\x1b[0m" if color else f"[{MARKS[kind]}{text}]"
+    return f"\x1b[{palette.ansi(kind)}m{text}\x1b[0m" if color else f"[{MARKS[kind]}{text}]"
 
 
 def _legend(color: bool) -> str:

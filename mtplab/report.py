@@ -1,33 +1,28 @@
 """A self-contained HTML view of a Trace: every token marked with what happened to it, plus the metrics.
 
 Opens without a kernel (``save_html``) and is what a Trace shows in a notebook (``Trace._repr_html_``).
-Colours are the Okabe–Ito colour-blind-safe palette, each with a second cue (strike, underline, overline).
+Colours and legend come from ``mtplab.palette`` (Okabe–Ito, each token kind with a second cue), like the widgets'.
+It reads a Trace's attributes only: it does not import ``mtplab.trace`` (which imports this module to render itself).
 """
 from __future__ import annotations
 
 import html
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .trace import Trace
+from .palette import COLORS, TOKEN_KINDS, kind_css
 
-STYLE = {
-    "accepted": ("#009E73", "drafted and accepted", ""),
-    "rejected": ("#D55E00", "drafted and rejected (dropped)", "text-decoration:line-through;opacity:.75;"),
-    "correction": ("#E69F00", "correction: resampled by the target after a rejection", "text-decoration:underline;"),
-    "bonus": ("#0072B2", "bonus: the target's free token after a fully accepted draft", "text-decoration:overline;"),
-    "plain": ("#555555", "target token, nothing drafted", ""),
-}
+if TYPE_CHECKING:
+    from .trace import Trace
 
-CSS = """
-.mtplab-trace{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px;line-height:1.9}
-.mtplab-trace .tok{padding:1px 1px;border-radius:3px;white-space:pre-wrap}
-.mtplab-trace .round-sep{border-left:1px dashed #999;margin:0 2px}
-.mtplab-trace .legend span.tok{margin-right:12px}
-.mtplab-trace table{border-collapse:collapse;margin-top:8px}
-.mtplab-trace td{padding:2px 10px 2px 0}
-""" + "".join(
-    f".mtplab-trace .tok-{k}{{color:{c};background:{c}1f;{extra}}}\n" for k, (c, _, extra) in STYLE.items()
-)
+CSS = f"""
+.mtplab-trace{{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px;line-height:1.9}}
+.mtplab-trace .tok{{padding:1px 1px;border-radius:3px;white-space:pre-wrap}}
+.mtplab-trace .round-sep{{border-left:1px dashed {COLORS["rule"]};margin:0 2px}}
+.mtplab-trace .legend span.tok{{margin-right:12px}}
+.mtplab-trace table{{border-collapse:collapse;margin-top:8px}}
+.mtplab-trace td{{padding:2px 10px 2px 0}}
+""" + kind_css(".mtplab-trace")
 
 
 def token_tip(rnd, kind, pos) -> str:
@@ -51,7 +46,8 @@ def tokens_html(trace: Trace) -> str:
 
 def legend_html() -> str:
     return '<div class="legend">' + "".join(
-        f'<span class="tok tok-{k}" title="{html.escape(d)}">{k}</span>' for k, (_, d, _) in STYLE.items()
+        f'<span class="tok tok-{k.name}" title="{html.escape(k.description)}">{html.escape(k.label)}</span>'
+        for k in TOKEN_KINDS.values()
     ) + "</div>"
 
 
@@ -85,17 +81,18 @@ def bars_svg(values, labels, title: str, colors, unit: str = "", width: int = 36
             parts.append(f'<text x="{35 + (i + .5) * bw:.1f}" y="{height + 14}" text-anchor="middle" '
                          f'font-size="10">{html.escape(str(label))}</text>')
     parts.append(f'<text x="2" y="24" font-size="10">{top:.3g}{unit}</text>'
-                 f'<line x1="34" y1="{height}" x2="{width}" y2="{height}" stroke="#999"/></svg>')
+                 f'<line x1="34" y1="{height}" x2="{width}" y2="{height}" stroke="{COLORS["rule"]}"/></svg>')
     return "".join(parts)
 
 
 def charts_html(trace: Trace) -> str:
     m = trace.metrics
     acc = bars_svg([[a] for a in m.per_position_acceptance], range(len(m.per_position_acceptance)),
-                   "acceptance by draft position", [STYLE["accepted"][0]])
+                   "acceptance by draft position", [COLORS["accepted"]])
     times = bars_svg([[1000 * r.draft_seconds, 1000 * r.verify_seconds, 1000 * r.bookkeeping_seconds]
                       for r in trace.rounds], [r.index for r in trace.rounds],
-                     "time per round: draft / verify / bookkeeping", ["#E69F00", "#0072B2", "#999999"], " ms")
+                     "time per round: draft / verify / bookkeeping",
+                     [COLORS["draft_time"], COLORS["verify_time"], COLORS["bookkeeping_time"]], " ms")
     return f'<div class="charts">{acc}{times}</div>'
 
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 
-TOKEN_KINDS = ("accepted", "rejected", "correction", "bonus", "plain")
+# one way: the report reads a Trace's attributes and imports nothing of this module at runtime
+from .report import trace_html
 
 
 @dataclass
@@ -99,9 +100,6 @@ class Metrics:
     bookkeeping_seconds: float
     tokens_per_second: float
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass
 class Trace:
@@ -158,8 +156,6 @@ class Trace:
         display(HTML(self._repr_html_()))
 
     def _repr_html_(self) -> str:
-        from .report import trace_html  # the view reads the trace, never the other way round
-
         return trace_html(self)
 
     def __repr__(self) -> str:

@@ -30,3 +30,22 @@ class Oracle(mtplab.Drafter):
     def propose(self, ids, k, cfg, generator, target_hidden=None):
         truth = self.text[len(ids): len(ids) + k]
         return mtplab.Draft([(t + 1) % self.target.vocab_size for t in truth] if self.wrong else truth, None)
+
+
+def made_up_traces():
+    """``(spec, plain)``: two small hand-written greedy traces, no model — every token kind, known timings.
+    spec: round 0 accepts both drafts (bonus), round 1 rejects its second (correction), round 2 drafts nothing."""
+    def rnd(i, drafts, accepted, kind, draft_s, verify_s):
+        return mtplab.Round(
+            index=i, context_len=3 + 3 * i, drafter="made-up", num_draft_tokens=len(drafts), draft_ids=drafts,
+            draft_text=[f"d{t}" for t in drafts], q=[0.5] * len(drafts), p=[0.6] * len(drafts),
+            accept_probs=[1.0] * accepted + [0.0] * (len(drafts) > accepted), draws=[None] * len(drafts),
+            num_accepted=accepted, token_id=90 + i, token_text=f"t{i}", token_kind=kind,
+            draft_seconds=draft_s, verify_seconds=verify_s, bookkeeping_seconds=0.001)
+
+    spec = mtplab.Trace("a prompt", [1, 2, 3], {"drafter": "made-up", "temperature": 0.0}, [
+        rnd(0, [10, 11], 2, "bonus", 0.004, 0.02), rnd(1, [12, 13], 1, "correction", 0.004, 0.02),
+        rnd(2, [], 0, "plain", 0.0, 0.015)], stop_reason="max_new_tokens")
+    plain = mtplab.Trace("a prompt", [1, 2, 3], {"drafter": None, "temperature": 0.0},
+                         [rnd(i, [], 0, "plain", 0.0, 0.015) for i in range(7)], stop_reason="max_new_tokens")
+    return spec, plain

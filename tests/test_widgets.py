@@ -4,6 +4,7 @@ import html
 import pytest
 
 import mtplab
+from mtplab.widgets.dashboard import ACCEPTANCE, THEORY_MEASURED_V
 from mtplab.widgets.inspector import RoundInspector, bars, describe
 from mtplab.widgets.playground import MTP_LABEL
 
@@ -27,7 +28,7 @@ def test_run_fills_views_round_by_round(pg):
     assert {"accepted", "rejected"} <= kinds and kinds & {"bonus", "correction"}
     assert "identical to plain ✓" in pg.dashboard.metrics.value
     assert "measured speedup" in pg.dashboard.metrics.value
-    assert list(pg.dashboard.fig.data[0].y) == trace.metrics.per_position_acceptance
+    assert list(pg.dashboard.traces[ACCEPTANCE].y) == trace.metrics.per_position_acceptance
 
 
 def test_auto_schedule_is_the_default_and_is_shown(pg):
@@ -47,7 +48,7 @@ def test_auto_schedule_is_the_default_and_is_shown(pg):
     v = costs.verify_curve(pg.target, progress=False)
     cm = cost_model(trace, pg.plain)
     want = [theory.walltime_factor(cm["alpha"], g, cm["c"], v) for g in range(1, 9)]
-    assert list(pg.dashboard.fig.data[5].y) == pytest.approx(want)
+    assert list(pg.dashboard.traces[THEORY_MEASURED_V].y) == pytest.approx(want)
 
 
 def test_clicking_a_token_updates_the_inspector(pg):

@@ -9,14 +9,26 @@ from plotly.subplots import make_subplots
 
 from .. import theory
 from ..costs import cost_model
+from ..palette import COLORS
 from ..trace import speedup
-from .style import COLORS
 
 GAMMAS = list(range(1, 9))
+# The figure's traces, addressed by name (a trace's name is its legend label): adding one never redraws another.
+ACCEPTANCE = "accepted"
+TIME_BARS = {  # name: (Round attribute, palette colour)
+    "draft": ("draft_seconds", "draft_time"),
+    "verify": ("verify_seconds", "verify_time"),
+    "bookkeeping": ("bookkeeping_seconds", "bookkeeping_time"),
+}
+THEORY = "theory (Leviathan, v=1)"
+THEORY_MEASURED_V = "theory (measured v(γ))"
+MEASURED = "measured"
+SWEEP = "sweep"
 
 
 class SpeedupDashboard(W.VBox):
-    """``update(spec, plain=None)`` redraws from traces only. ``on_sweep`` (set by the Playground) runs a γ sweep."""
+    """``update(spec, plain=None)`` redraws from traces only. ``on_sweep`` (set by the Playground) runs a γ sweep.
+    ``traces``: the figure's plotly traces by name (``ACCEPTANCE``, the ``TIME_BARS`` keys, ``THEORY``, ...)."""
 
     def __init__(self):
         self.metrics = W.HTML("<i>No run yet.</i>")
@@ -24,13 +36,18 @@ class SpeedupDashboard(W.VBox):
             rows=1, cols=3, column_widths=[0.25, 0.4, 0.35],
             subplot_titles=("acceptance by draft position", "time per round", "speedup vs draft length γ")))
         f = self.fig
-        f.add_bar(name="accepted", x=[], y=[], marker_color=COLORS["accepted"], row=1, col=1, showlegend=False)
-        for key, label in (("draft_time", "draft"), ("verify_time", "verify"), ("bookkeeping_time", "bookkeeping")):
-            f.add_bar(name=label, x=[], y=[], marker_color=COLORS[key], row=1, col=2)
-        f.add_scatter(name="theory (Leviathan, v=1)", x=[], y=[], mode="lines", line=dict(color=COLORS["theory"], dash="dot"), row=1, col=3)
-        f.add_scatter(name="theory (measured v(γ))", x=[], y=[], mode="lines", line=dict(color=COLORS["theory"]), row=1, col=3)
-        f.add_scatter(name="measured", x=[], y=[], mode="markers", marker=dict(color=COLORS["measured"], size=10, symbol="diamond"), row=1, col=3)
-        f.add_scatter(name="sweep", x=[], y=[], mode="markers+lines", marker=dict(color=COLORS["bonus"], size=7), row=1, col=3)
+        f.add_bar(name=ACCEPTANCE, x=[], y=[], marker_color=COLORS["accepted"], row=1, col=1, showlegend=False)
+        for name, (_, color) in TIME_BARS.items():
+            f.add_bar(name=name, x=[], y=[], marker_color=COLORS[color], row=1, col=2)
+        f.add_scatter(name=THEORY, x=[], y=[], mode="lines", line=dict(color=COLORS["theory"], dash="dot"), row=1, col=3)
+        f.add_scatter(name=THEORY_MEASURED_V, x=[], y=[], mode="lines", line=dict(color=COLORS["theory"]), row=1, col=3)
+        f.add_scatter(name=MEASURED, x=[], y=[], mode="markers",
+                      marker=dict(color=COLORS["measured"], size=10, symbol="diamond"), row=1, col=3)
+        f.add_scatter(name=SWEEP, x=[], y=[], mode="markers+lines", marker=dict(color=COLORS["sweep"], size=7),
+                      row=1, col=3)
+        self.traces = {t.name: t for t in f.data}
+        if len(self.traces) != len(f.data):
+            raise RuntimeError("every trace of the dashboard needs a name of its own")
         f.update_layout(barmode="stack", height=320, width=900, margin=dict(l=40, r=10, t=40, b=40),
                         legend=dict(orientation="h", y=-0.25))
         f.update_yaxes(range=[0, 1.05], row=1, col=1)
@@ -57,10 +74,11 @@ class SpeedupDashboard(W.VBox):
                 ("mean acceptance length", f"{m.mean_acceptance_length:.2f} tokens / target pass"),
                 ("tokens/s", f"{m.tokens_per_second:.1f}")]
         with self.fig.batch_update():
-            self.fig.data[0].update(x=list(range(len(m.per_position_acceptance))), y=m.per_position_acceptance)
+            t = self.traces
+            t[ACCEPTANCE].update(x=list(range(len(m.per_position_acceptance))), y=m.per_position_acceptance)
             idx = [r.index for r in spec.rounds]
-            for i, key in enumerate(("draft_seconds", "verify_seconds", "bookkeeping_seconds")):
-                self.fig.data[1 + i].update(x=idx, y=[1000 * getattr(r, key) for r in spec.rounds])
+            for name, (key, _) in TIME_BARS.items():
+                t[name].update(x=idx, y=[1000 * getattr(r, key) for r in spec.rounds])
             if plain is not None and plain.rounds and m.new_tokens:
                 s = speedup(spec, plain)
                 cm = cost_model(spec, plain)
@@ -85,19 +103,20 @@ class SpeedupDashboard(W.VBox):
                 if spec.config.get("temperature") == 0:
                     same = spec.token_ids == plain.token_ids[: len(spec.token_ids)]
                     rows.append(("greedy output", "identical to plain ✓" if same else "DIFFERS from plain ✗"))
-                self.fig.data[4].update(x=GAMMAS, y=[theory.walltime_factor(cm["alpha"], g, cm["c"]) for g in GAMMAS])
-                self.fig.data[5].update(x=GAMMAS, y=[theory.walltime_factor(cm["alpha"], g, cm["c"], vc) for g in GAMMAS])
-                self.fig.data[6].update(x=[gamma], y=[s])
+                t[THEORY].update(x=GAMMAS, y=[theory.walltime_factor(cm["alpha"], g, cm["c"]) for g in GAMMAS])
+                t[THEORY_MEASURED_V].update(x=GAMMAS, y=[theory.walltime_factor(cm["alpha"], g, cm["c"], vc)
+                                                         for g in GAMMAS])
+                t[MEASURED].update(x=[gamma], y=[s])
         self.metrics.value = "<table class='mtplab-metrics'>" + "".join(
             f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>" for k, v in rows) + "</table>"
 
     def show_sweep(self, points) -> None:
         """``points``: ``[(γ, measured speedup), ...]`` from a sweep."""
         with self.fig.batch_update():
-            self.fig.data[7].update(x=[g for g, _ in points], y=[s for _, s in points])
+            self.traces[SWEEP].update(x=[g for g, _ in points], y=[s for _, s in points])
 
     def clear(self) -> None:
         with self.fig.batch_update():
-            for t in self.fig.data:
+            for t in self.traces.values():
                 t.update(x=[], y=[])
         self.metrics.value = "<i>No run yet.</i>"

@@ -12,8 +12,9 @@ import html
 import ipywidgets as W
 import plotly.graph_objects as go
 
+from ..palette import COLORS, faint
 from ..trace import per_position_acceptance
-from .style import COLORS, fmt_prob
+from .style import fmt_prob
 
 EMPTY_NOTE = "Click a token in the token view to inspect its round."
 
@@ -189,8 +190,8 @@ class RoundInspector(W.VBox):
         rounds = [r for r in rounds if r.draft_start_position is not None] or [rnd]
         rates, accepted, drafted = per_position_acceptance(rounds)
         here = pos if pos < rnd.num_drafted else None  # the inspected drafted position, highlighted
-        colors = [("#9AD3BF" if i != here else COLORS["accepted"] if i < rnd.num_accepted else COLORS["rejected"])
-                  for i in range(len(rates))]
+        colors = [(faint(COLORS["accepted"]) if i != here else COLORS["accepted"] if i < rnd.num_accepted
+                   else COLORS["rejected"]) for i in range(len(rates))]
         with self.curve.batch_update():
             self.curve.data[0].update(x=list(range(len(rates))), y=rates, marker_color=colors,
                                       text=[f"{r:.0%}" for r in rates],

@@ -6,7 +6,7 @@ import ipywidgets as W
 import plotly.graph_objects as go
 
 from .. import theory
-from .style import COLORS
+from ..palette import COLORS
 from .token_view import TokenView
 
 GAMMAS = list(range(1, 17))

@@ -38,11 +38,11 @@ function render({ model, el }) {
   el.classList.add("mtplab-token-view");
   const legend = document.createElement("div");
   legend.className = "legend";
-  for (const [kind, label] of [["accepted", "accepted"], ["rejected", "rejected"], ["correction", "correction"],
-                               ["bonus", "bonus"], ["plain", "target only"]]) {
+  for (const [kind, label, description] of model.get("legend")) {  // the kinds and their words: mtplab.palette
     const s = document.createElement("span");
     s.className = `tok tok-${kind}`;
     s.textContent = label;
+    s.title = description;
     legend.appendChild(s);
   }
   const body = document.createElement("div");

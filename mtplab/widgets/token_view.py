@@ -6,9 +6,28 @@ from pathlib import Path
 import anywidget
 import traitlets
 
+from ..palette import COLORS, TOKEN_KINDS, kind_css, text_shade
 from ..report import token_tip
 
 HERE = Path(__file__).parent
+SCOPE = ".mtplab-token-view"
+
+
+def token_view_css() -> str:
+    """The view's stylesheet: the layout rules of token_view.css, then its colours, all from ``mtplab.palette``."""
+    setting, auto, rule = COLORS["setting_change"], COLORS["auto_change"], COLORS["rule"]
+    return ((HERE / "token_view.css").read_text() + kind_css(SCOPE) + "\n".join((
+        f"{SCOPE} .round {{ border-right-color: {rule}; }}",
+        f"{SCOPE} .tok.selected {{ outline-color: {COLORS['selected']}; }}",
+        f"{SCOPE} .setting-change {{ color: {text_shade(setting)}; border-color: {setting}; }}",
+        f"{SCOPE} .auto-change {{ color: {text_shade(auto)}; border-color: {auto}; }}",
+        f"{SCOPE} .status {{ color: {COLORS['muted']}; }}",
+    )) + "\n")
+
+
+def legend_items() -> list:
+    """``[[kind, label, description], ...]``: the legend the browser draws above the tokens, in palette order."""
+    return [[k.name, k.label, k.description] for k in TOKEN_KINDS.values()]
 
 
 def round_tokens(rnd, mark: str = "", auto: str = "") -> dict:
@@ -31,7 +50,8 @@ def auto_changes(rounds) -> dict:
 
 class TokenView(anywidget.AnyWidget):
     _esm = HERE / "token_view.js"
-    _css = HERE / "token_view.css"
+    _css = token_view_css()
+    legend = traitlets.List(legend_items()).tag(sync=True)  # [[kind, label, description], ...]
     rounds = traitlets.List(traitlets.Dict()).tag(sync=True)
     selected = traitlets.Dict({"round": -1, "pos": -1}).tag(sync=True)
     status = traitlets.Unicode("").tag(sync=True)
