@@ -15,6 +15,7 @@ from ..controller import DEFAULT_PROMPT, LIVE, Controller
 from ..decoder import SCHEDULES
 from ..drafters import registry
 from ..models import Target
+from ..palette import COLORS
 from .dashboard import GAMMAS, SpeedupDashboard
 from .inspector import RoundInspector
 from .token_view import TokenView
@@ -133,7 +134,7 @@ class Playground(W.VBox):
         elif event == "error":
             e = ctrl.error
             self.error.value = "" if e is None else (
-                f"<div style='color:#D55E00'>⚠ {html.escape(str(e))} — the last good result is kept.</div>")
+                f"<div style='color:{COLORS['error']}'>⚠ {html.escape(str(e))} — the last good result is kept.</div>")
         elif event in ("sweep", "swept"):
             points = list(ctrl.sweep_points)
             self.dashboard.show_sweep(points)
