@@ -4,7 +4,8 @@ Every speculative run is paired with a plain run of the same prompt and seed rig
 goes first alternates from prompt to prompt), so slow drifts of the machine's speed hit both sides alike. Per
 configuration, over all prompts:
 
-* mean acceptance length = new tokens / rounds;  acceptance rate = accepted / drafted;
+* mean acceptance length, acceptance rate, per-position acceptance: :func:`mtplab.trace.metrics_of` over every
+  prompt's rounds pooled;
 * tokens/s = new tokens / seconds (``trace.metrics.seconds``: prefill + every round);
 * speedup = plain seconds per token / speculative seconds per token (:func:`mtplab.trace.speedup_of`);
 * c = draft seconds per drafted token / plain seconds per decoding step (:func:`mtplab.costs.draft_cost_ratio`).
@@ -22,7 +23,7 @@ import torch
 
 from . import costs, kernels
 from .drafters.registry import NAMES
-from .trace import speedup_of
+from .trace import metrics_of, speedup_of
 
 DRAFTERS = tuple(n for n in NAMES if n != "none")
 
@@ -89,27 +90,23 @@ def _row(engine, method, gamma, temperature, tokens, seconds, plain_tokens, plai
 
 def _mtplab_row(target, drafter, gamma, schedule, temperature, prompts, max_new_tokens, seed, record, bar) -> dict:
     from .decoder import SpeculativeDecoder
-    from .trace import per_position_acceptance
 
     spec = SpeculativeDecoder(target, drafter, num_draft_tokens=gamma, schedule=schedule, temperature=temperature,
                               record=record)
     plain = SpeculativeDecoder(target, None, temperature=temperature, record=record)
     pairs = _interleaved(prompts, lambda p: spec.generate(p, max_new_tokens, seed),
                          lambda p: plain.generate(p, max_new_tokens, seed), bar)
-    s, b = [t.metrics for t, _ in pairs], [t.metrics for _, t in pairs]
-    tokens, drafted = _sum(s, "new_tokens"), _sum(s, "drafted")
     rounds = [r for t, _ in pairs for r in t.rounds]
-    plain_step = costs.step_seconds([r for _, t in pairs for r in t.rounds])
+    s = metrics_of(rounds, sum(t.prefill_seconds for t, _ in pairs))  # every prompt pooled
+    plain_rounds = [r for _, t in pairs for r in t.rounds]
+    b = metrics_of(plain_rounds, sum(t.prefill_seconds for _, t in pairs))
     return _row(
-        "mtplab", drafter.name, gamma, temperature,
-        tokens, _sum(s, "seconds"), _sum(b, "new_tokens"), _sum(b, "seconds"),
-        mean_acceptance_length=tokens / _sum(s, "rounds"),
-        acceptance_rate=_sum(s, "accepted") / drafted if drafted else 0.0,
-        draft_cost_ratio=costs.draft_cost_ratio(rounds, plain_step) if drafted else None,
+        "mtplab", drafter.name, gamma, temperature, s.new_tokens, s.seconds, b.new_tokens, b.seconds,
+        mean_acceptance_length=s.mean_acceptance_length, acceptance_rate=s.acceptance_rate,
+        draft_cost_ratio=costs.draft_cost_ratio(rounds, costs.step_seconds(plain_rounds)) if s.drafted else None,
         exact=all(a.token_ids == p.token_ids for a, p in pairs) if temperature == 0 else None,
-        per_position_acceptance=per_position_acceptance(rounds)[0],
-        verify_tokens=sum(r.verify_tokens for r in rounds) / len(rounds),
-        schedule=schedule, mean_gamma=sum(r.num_draft_tokens for r in rounds) / len(rounds),
+        per_position_acceptance=s.per_position_acceptance,
+        verify_tokens=s.verify_tokens, schedule=schedule, mean_gamma=sum(r.num_draft_tokens for r in rounds) / len(rounds),
     )
 
 
@@ -217,7 +214,6 @@ def greedy_acceptance(target, drafter, prompts=None, gammas=(4,), max_new_tokens
     """
     from .decoder import SpeculativeDecoder
     from .models import forward, new_cache
-    from .trace import per_position_acceptance
 
     if drafter.needs_target_cache:
         raise ValueError(f"{drafter!r} reads the target's KV cache; measure it with run_bench instead")
@@ -243,13 +239,11 @@ def greedy_acceptance(target, drafter, prompts=None, gammas=(4,), max_new_tokens
             if trace.prompt_ids + trace.token_ids != text:
                 raise RuntimeError(f"the replayed run left the target's greedy text at γ={gamma}: a decoder bug")
             traces.append(trace)
-        rounds = [r for t in traces for r in t.rounds]
-        out[gamma] = dict(
-            mean_acceptance_length=sum(len(t.token_ids) for t in traces) / len(rounds),
-            per_position_acceptance=per_position_acceptance(rounds)[0],
-            per_prompt=[t.metrics.mean_acceptance_length for t in traces],
-            verify_tokens=sum(r.verify_tokens for r in rounds) / len(rounds),
-        )
+        m = metrics_of([r for t in traces for r in t.rounds])
+        out[gamma] = dict(mean_acceptance_length=m.mean_acceptance_length,
+                          per_position_acceptance=m.per_position_acceptance,
+                          per_prompt=[t.metrics.mean_acceptance_length for t in traces],
+                          verify_tokens=m.verify_tokens)
     return out
 
 

@@ -94,6 +94,7 @@ class Metrics:
     acceptance_rate: float
     mean_acceptance_length: float
     per_position_acceptance: list
+    verify_tokens: float  # mean tokens a verify pass read: the pending token and the draft, or every tree node
     seconds: float  # end to end: prefill + every round
     draft_seconds: float
     verify_seconds: float
@@ -117,26 +118,7 @@ class Trace:
 
     @property
     def metrics(self) -> Metrics:
-        rounds = self.rounds
-        drafted = sum(r.num_drafted for r in rounds)
-        accepted = sum(r.num_accepted for r in rounds)
-        new = len(self.token_ids)
-        secs = [sum(getattr(r, f) for r in rounds) for f in ("draft_seconds", "verify_seconds", "bookkeeping_seconds")]
-        total = self.prefill_seconds + sum(secs)
-        return Metrics(
-            rounds=len(rounds),
-            new_tokens=new,
-            drafted=drafted,
-            accepted=accepted,
-            acceptance_rate=accepted / drafted if drafted else 0.0,
-            mean_acceptance_length=new / len(rounds) if rounds else 0.0,
-            per_position_acceptance=per_position_acceptance(rounds)[0],
-            seconds=total,
-            draft_seconds=secs[0],
-            verify_seconds=secs[1],
-            bookkeeping_seconds=secs[2],
-            tokens_per_second=new / total if total else 0.0,
-        )
+        return metrics_of(self.rounds, self.prefill_seconds)
 
     def to_json(self, **kw) -> str:
         d = asdict(self)
@@ -165,6 +147,30 @@ class Trace:
             f"acceptance_rate={m.acceptance_rate:.2f}, mean_acceptance_length={m.mean_acceptance_length:.2f}, "
             f"stop_reason={self.stop_reason!r})"
         )
+
+
+def metrics_of(rounds, prefill_seconds: float = 0.0) -> Metrics:
+    """The metrics of any rounds (one trace's, or several pooled, as the bench does), each formula written once."""
+    drafted = sum(r.num_drafted for r in rounds)
+    accepted = sum(r.num_accepted for r in rounds)
+    new = sum(len(r.emitted_ids) for r in rounds)
+    secs = [sum(getattr(r, f) for r in rounds) for f in ("draft_seconds", "verify_seconds", "bookkeeping_seconds")]
+    total = prefill_seconds + sum(secs)
+    return Metrics(
+        rounds=len(rounds),
+        new_tokens=new,
+        drafted=drafted,
+        accepted=accepted,
+        acceptance_rate=accepted / drafted if drafted else 0.0,
+        mean_acceptance_length=new / len(rounds) if rounds else 0.0,
+        per_position_acceptance=per_position_acceptance(rounds)[0],
+        verify_tokens=sum(r.verify_tokens for r in rounds) / len(rounds) if rounds else 0.0,
+        seconds=total,
+        draft_seconds=secs[0],
+        verify_seconds=secs[1],
+        bookkeeping_seconds=secs[2],
+        tokens_per_second=new / total if total else 0.0,
+    )
 
 
 def reached_positions(rnd) -> range:
