@@ -93,3 +93,22 @@ def test_make_lab_starts_jupyterlab_as_root_too():
     line = next(ln for ln in out.splitlines() if "jupyter lab" in ln)
     assert line.endswith("notebooks/01_quickstart.ipynb")
     assert ("--allow-root" in line) == (os.geteuid() == 0)
+
+
+@pytest.mark.slow
+def test_bench_rows_and_cost_report_on_the_bundled_model(bundled):
+    """One small real bench: rows carry the pooled metrics of their runs, greedy rows are exact, and the cost
+    report names the machine, the roofline and each drafter's c."""
+    from mtplab.bench import cost_report, format_table, run_bench
+
+    rows = run_bench(bundled, prompts=2, max_new_tokens=12, gammas=(3,), temperatures=(0.0,),
+                     drafters=("prompt-lookup",), schedule="constant", progress=False)
+    base, ours, theirs = rows
+    assert base["method"] == "plain vs transformers plain" and base["exact"] is True
+    assert ours["engine"] == "mtplab" and ours["exact"] is True and ours["new_tokens"] == 24
+    assert ours["mean_acceptance_length"] >= 1 and 0 <= ours["acceptance_rate"] <= 1
+    assert ours["speedup"] == pytest.approx(ours["tokens_per_second"] / ours["plain_tokens_per_second"])
+    assert theirs["engine"] == "transformers" and theirs["exact"] is True
+    assert "prompt-lookup" in format_table(rows)
+    text = cost_report(bundled, drafters=("prompt-lookup",), reps=1)
+    assert text.startswith("machine: ") and "roofline" in text and "prompt-lookup  c = " in text
