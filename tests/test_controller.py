@@ -28,6 +28,7 @@ def test_a_run_is_decoded_timed_and_announced(ctrl):
     trace, plain = ctrl.trace, ctrl.plain
     assert ctrl.error is None and trace.stop_reason == "max_new_tokens" and ctrl.shown is trace
     assert trace.token_ids == plain.token_ids  # greedy: the baseline decodes the same text
+    assert trace is not ctrl.decoder.trace and trace.token_ids == ctrl.decoder.trace.token_ids  # timed again, undrawn
     assert plain.config["drafter"] == "none" and trace.config["drafter"] == "prompt-lookup"
     assert f"{mtplab.speedup(trace, plain):.2f}× plain decoding" in ctrl.status
     events = ctrl.events

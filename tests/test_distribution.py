@@ -149,3 +149,23 @@ def test_verify_itself_samples_the_target_distribution():
     expected = (p1[:, None] * p2).flatten() * n
     stat, pvalue = chisquare(counts.flatten().numpy(), expected.numpy() * n / expected.sum().item())
     assert pvalue > 1e-3, f"verify's samples do not follow p (chi2={stat:.1f}, p={pvalue:.2g})"
+
+
+@pytest.mark.parametrize("cfg", [SamplingConfig(1.0, top_k=3), SamplingConfig(0.7, top_p=0.6),
+                                 SamplingConfig(1.3, top_k=4, top_p=0.8)])
+def test_draft_model_q_is_its_distribution_under_the_runs_sampling(pair, cfg):
+    """Each drafted token's q row is exactly the draft model's next-token distribution after the tokens before it,
+    filtered by the run's temperature, top-k and top-p (so min(1, p/q) uses the q the token was drawn from)."""
+    from mtplab.models import forward, new_cache
+
+    _, draft = pair
+    drafter = mtplab.DraftModelDrafter(draft.model)
+    drafter.bind(pair[0])
+    drafter.reset(CTX, None)
+    with torch.inference_mode():
+        got = drafter.propose(CTX, 4, cfg, torch.Generator().manual_seed(1))
+        for i, token in enumerate(got.tokens):
+            logits, _ = forward(draft.model, CTX + got.tokens[:i], new_cache(draft.model))
+            want = sampling.probs(logits[-1], cfg)
+            assert torch.allclose(got.q[i], want, atol=1e-6)
+            assert want[token] > 0 and (want == 0).any()  # drawn from the filtered support, which is a strict subset

@@ -3,6 +3,8 @@ import ast
 import html
 from pathlib import Path
 
+import pytest
+
 from conftest import made_up_traces
 
 import mtplab
@@ -36,3 +38,22 @@ def test_report_does_not_import_trace_and_trace_imports_report_once_at_the_top()
     late = [n for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
             for n in ast.walk(f) if isinstance(n, ast.ImportFrom) and n.module and "report" in n.module]
     assert not late
+
+
+def test_each_metric_formula_on_made_up_traces():
+    """The one formula of each metric, against numbers worked out by hand from made_up_traces()."""
+    from mtplab import costs
+    from mtplab.trace import speedup, speedup_of
+
+    spec, plain = made_up_traces()
+    m = spec.metrics  # 3 rounds emit 3 + 2 + 1 tokens; 4 drafted, 3 accepted
+    assert (m.new_tokens, m.rounds, m.drafted, m.accepted) == (6, 3, 4, 3)
+    assert m.acceptance_rate == 0.75 and m.mean_acceptance_length == 2.0 and m.per_position_acceptance == [1.0, 0.5]
+    assert m.verify_tokens == pytest.approx((3 + 3 + 1) / 3)
+    assert speedup_of(10, 1.0, 10, 2.0) == 2.0 and speedup_of(20, 1.0, 10, 1.0) == 2.0
+    assert speedup(spec, plain) == pytest.approx((0.016 * 7 / 7) / ((0.008 + 0.04 + 0.015 + 0.003) / 6))
+    step = costs.step_seconds(plain.rounds)
+    assert step == pytest.approx(0.016)
+    assert costs.draft_cost_ratio(spec.rounds, step) == pytest.approx(0.008 / 4 / 0.016)
+    cm = costs.cost_model(spec, plain)
+    assert cm["c"] == pytest.approx(0.125) and cm["verify_cost"] == {2: pytest.approx(0.02 / 0.016)}
