@@ -5,7 +5,8 @@ import pytest
 
 import mtplab
 from mtplab.widgets.dashboard import ACCEPTANCE, THEORY_MEASURED_V
-from mtplab.widgets.inspector import RoundInspector, bars, describe
+from mtplab.widgets.inspector import P_BARS, Q_BARS, RoundInspector, bars, describe
+from mtplab.widgets.theory_sim import SIMULATED
 from mtplab.widgets.playground import MTP_LABEL
 
 pytestmark = pytest.mark.slow
@@ -56,9 +57,9 @@ def test_clicking_a_token_updates_the_inspector(pg):
     pg.tokens.selected = {"round": rnd.index, "pos": rnd.num_accepted}
     assert pg.inspector.selection == (rnd.index, rnd.num_accepted)
     assert "rejected" in pg.inspector.title.value
-    labels = list(pg.inspector.fig.data[0].x)
+    labels = list(pg.inspector.bars[P_BARS].x)
     assert repr(rnd.draft_text[rnd.num_accepted]) in labels
-    assert len(pg.inspector.fig.data[1].y) == len(labels)  # q bars next to p bars
+    assert len(pg.inspector.bars[Q_BARS].y) == len(labels)  # q bars next to p bars
     assert f"{rnd.target_cache_before} → {rnd.target_cache_len}" in pg.inspector.costs.value
     # the default drafter is the shipped MTP drafter: the inspector names the seeding hidden state and draws the curve
     assert pg.drafter.value == MTP_LABEL and rnd.draft_start_position == rnd.context_len - 2
@@ -66,7 +67,7 @@ def test_clicking_a_token_updates_the_inspector(pg):
     token = html.escape(repr(pg.target.token_text(seq[rnd.draft_start_position])))
     assert f"hidden state at position {rnd.draft_start_position} (<code>{token}</code>)" in pg.inspector.mtp_note.value
     assert pg.inspector.mtp_view.layout.display != "none"
-    assert list(pg.inspector.curve.data[0].y) == pg.trace.metrics.per_position_acceptance
+    assert list(pg.inspector.acceptance.y) == pg.trace.metrics.per_position_acceptance
 
 
 def test_bad_value_shows_inline_error_and_keeps_previous_trace(pg):
@@ -136,7 +137,7 @@ def test_inspector_mtp_view_only_for_mtp_rounds(bundled):
         assert f"hidden state at position {start} (<code>{html.escape(repr(bundled.token_text(seq[start])))}</code>)" in note
         assert f"newest token (<code>{html.escape(repr(bundled.token_text(seq[start + 1])))}</code>)" in note
         assert ins.mtp_view.layout.display != "none"
-    curve = ins.curve.data[0]
+    curve = ins.acceptance
     assert list(curve.x) == [0, 1, 2, 3] and list(curve.y) == trace.metrics.per_position_acceptance
     n = sum(r.draft_start_position is not None for r in trace.rounds)
     assert "so far" in ins.curve.layout.title.text and f"({n} rounds)" in ins.curve.layout.title.text
@@ -147,7 +148,7 @@ def test_inspector_mtp_view_only_for_mtp_rounds(bundled):
     rnd = next(r for r in lookup.rounds if r.num_drafted)
     ins.show(rnd, 0, lookup, bundled.token_text)
     assert rnd.draft_start_position is None and "Round" in ins.title.value
-    assert ins.mtp_note.value == "" and ins.mtp_view.layout.display == "none" and list(ins.curve.data[0].y) == []
+    assert ins.mtp_note.value == "" and ins.mtp_view.layout.display == "none" and list(ins.acceptance.y) == []
     ins.show(later, 0, trace)  # without a decoder for prompt ids: answer tokens still come from the rounds' texts
     assert f"position {later.draft_start_position} (<code>" in ins.mtp_note.value
     ins.clear()
@@ -165,7 +166,7 @@ def test_theory_simulator_updates_instantly():
     assert f"{theory.expected_tokens_per_round(0.8, 2):.2f}" in sim.numbers.value
     sim.alpha.value = 1.0
     assert all(t[0] in ("accepted", "bonus") for r in sim.tokens.rounds for t in r["toks"])
-    assert list(sim.fig.data[1].x) == [2]
+    assert list(sim.traces[SIMULATED].x) == [2]
 
 
 def test_saved_trace_renders_static_html(tmp_path, bundled):

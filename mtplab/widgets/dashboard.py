@@ -11,6 +11,7 @@ from .. import theory
 from ..costs import cost_model
 from ..palette import COLORS
 from ..trace import speedup
+from .style import named_traces
 
 GAMMAS = list(range(1, 9))
 # The figure's traces, addressed by name (a trace's name is its legend label): adding one never redraws another.
@@ -45,9 +46,7 @@ class SpeedupDashboard(W.VBox):
                       marker=dict(color=COLORS["measured"], size=10, symbol="diamond"), row=1, col=3)
         f.add_scatter(name=SWEEP, x=[], y=[], mode="markers+lines", marker=dict(color=COLORS["sweep"], size=7),
                       row=1, col=3)
-        self.traces = {t.name: t for t in f.data}
-        if len(self.traces) != len(f.data):
-            raise RuntimeError("every trace of the dashboard needs a name of its own")
+        self.traces = named_traces(f)
         f.update_layout(barmode="stack", height=320, width=900, margin=dict(l=40, r=10, t=40, b=40),
                         legend=dict(orientation="h", y=-0.25))
         f.update_yaxes(range=[0, 1.05], row=1, col=1)

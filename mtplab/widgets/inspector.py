@@ -14,8 +14,10 @@ import plotly.graph_objects as go
 
 from ..palette import COLORS, faint
 from ..trace import per_position_acceptance
-from .style import fmt_prob
+from .style import fmt_prob, named_traces
 
+P_BARS, Q_BARS, RESIDUAL_BARS = "p (target)", "q (drafter)", "residual norm(max(0, p−q))"
+ACCEPTANCE = "acceptance"
 EMPTY_NOTE = "Click a token in the token view to inspect its round."
 
 
@@ -143,23 +145,25 @@ class RoundInspector(W.VBox):
     def __init__(self):
         self.title = W.HTML(EMPTY_NOTE)
         self.fig = go.FigureWidget(
-            data=[go.Bar(name="p (target)", marker_color=COLORS["target"], x=[], y=[]),
-                  go.Bar(name="q (drafter)", marker_color=COLORS["drafter"], x=[], y=[]),
-                  go.Bar(name="residual norm(max(0, p−q))", marker_color=COLORS["rejected"], x=[], y=[])],
+            data=[go.Bar(name=P_BARS, marker_color=COLORS["target"], x=[], y=[]),
+                  go.Bar(name=Q_BARS, marker_color=COLORS["drafter"], x=[], y=[]),
+                  go.Bar(name=RESIDUAL_BARS, marker_color=COLORS["rejected"], x=[], y=[])],
             layout=go.Layout(barmode="group", height=260, width=720, margin=dict(l=50, r=10, t=10, b=60),
                              xaxis=dict(type="category"), yaxis=dict(title="probability", range=[0, 1]),
                              legend=dict(orientation="h", y=1.15)),
         )
+        self.bars = named_traces(self.fig)
         self.costs = W.HTML("")
         self.mtp_note = W.HTML("")
         self.curve = go.FigureWidget(
-            data=[go.Bar(name="acceptance", marker_color=[], x=[], y=[], text=[], textposition="outside",
+            data=[go.Bar(name=ACCEPTANCE, marker_color=[], x=[], y=[], text=[], textposition="outside",
                          hovertemplate="position %{x}: %{customdata}<extra></extra>", customdata=[])],
             layout=go.Layout(height=220, width=480, margin=dict(l=50, r=10, t=30, b=40),
                              title=dict(text="", font=dict(size=13), x=0.02),
                              xaxis=dict(title="draft position (0 = first drafted token)", dtick=1),
                              yaxis=dict(title="accepted", range=[0, 1.15], tickformat=".0%")),
         )
+        self.acceptance = named_traces(self.curve)[ACCEPTANCE]
         self.mtp_view = W.VBox([self.mtp_note, self.curve], layout=W.Layout(display="none"))
         self.mtp_view.add_class("mtplab-inspector-mtp")
         super().__init__([self.title, self.fig, self.costs, self.mtp_view])
@@ -170,9 +174,9 @@ class RoundInspector(W.VBox):
         self.selection = (rnd.index, pos)
         labels, p, q, residual = bars(rnd, pos)
         with self.fig.batch_update():
-            self.fig.data[0].update(x=labels, y=p)
-            self.fig.data[1].update(x=labels if q else [], y=q or [])
-            self.fig.data[2].update(x=labels if residual else [], y=residual or [])
+            self.bars[P_BARS].update(x=labels, y=p)
+            self.bars[Q_BARS].update(x=labels if q else [], y=q or [])
+            self.bars[RESIDUAL_BARS].update(x=labels if residual else [], y=residual or [])
         self.title.value = describe(rnd, pos)
         tree = f"<br>{tree_note(rnd, token_text)}" if rnd.tree_branches else ""
         self.costs.value = f"<small>{costs(rnd)}</small>{tree}"
@@ -193,7 +197,7 @@ class RoundInspector(W.VBox):
         colors = [(faint(COLORS["accepted"]) if i != here else COLORS["accepted"] if i < rnd.num_accepted
                    else COLORS["rejected"]) for i in range(len(rates))]
         with self.curve.batch_update():
-            self.curve.data[0].update(x=list(range(len(rates))), y=rates, marker_color=colors,
+            self.acceptance.update(x=list(range(len(rates))), y=rates, marker_color=colors,
                                       text=[f"{r:.0%}" for r in rates],
                                       customdata=[f"{a} of {d} rounds accepted it" for a, d in zip(accepted, drafted)])
             self.curve.layout.title.text = (f"this run so far: acceptance by draft position ({len(rounds)} "
@@ -203,7 +207,7 @@ class RoundInspector(W.VBox):
     def _clear_mtp(self) -> None:
         self.mtp_note.value = ""
         with self.curve.batch_update():
-            self.curve.data[0].update(x=[], y=[], text=[], customdata=[], marker_color=[])
+            self.acceptance.update(x=[], y=[], text=[], customdata=[], marker_color=[])
             self.curve.layout.title.text = ""
         self.mtp_view.layout.display = "none"
 

@@ -7,9 +7,11 @@ import plotly.graph_objects as go
 
 from .. import theory
 from ..palette import COLORS
+from .style import named_traces
 from .token_view import TokenView
 
 GAMMAS = list(range(1, 17))
+EXPECTED, SIMULATED = "expected walltime factor", "this γ (simulated)"
 
 
 def simulated_round_tokens(sim: theory.Simulation) -> list:
@@ -37,13 +39,14 @@ class TheorySimulator(W.VBox):
         self.tokens = TokenView()
         self.numbers = W.HTML()
         self.fig = go.FigureWidget(
-            data=[go.Scatter(name="expected walltime factor", x=GAMMAS, y=[], mode="lines+markers",
+            data=[go.Scatter(name=EXPECTED, x=GAMMAS, y=[], mode="lines+markers",
                              line=dict(color=COLORS["theory"])),
-                  go.Scatter(name="this γ (simulated)", x=[], y=[], mode="markers",
+                  go.Scatter(name=SIMULATED, x=[], y=[], mode="markers",
                              marker=dict(color=COLORS["measured"], size=12, symbol="diamond"))],
             layout=go.Layout(height=260, margin=dict(l=40, r=10, t=10, b=40), xaxis=dict(title="γ"),
                              yaxis=dict(title="speedup × plain"), legend=dict(orientation="h", y=1.15)),
         )
+        self.traces = named_traces(self.fig)
         for w in (self.alpha, self.gamma, self.c, self.seed):
             w.observe(lambda _: self.update(), "value")
         super().__init__([W.HBox([self.alpha, self.gamma, self.c, self.seed]), self.numbers, self.tokens, self.fig])
@@ -65,5 +68,5 @@ class TheorySimulator(W.VBox):
             f"<tr><td>best γ for α={a:.2f}, c={c:.2f}</td><td colspan=2><b>{best}</b> "
             f"({theory.walltime_factor(a, best, c):.2f}×)</td></tr></table>")
         with self.fig.batch_update():
-            self.fig.data[0].y = [theory.walltime_factor(a, k, c) for k in GAMMAS]
-            self.fig.data[1].update(x=[g], y=[sim.walltime_factor])
+            self.traces[EXPECTED].y = [theory.walltime_factor(a, k, c) for k in GAMMAS]
+            self.traces[SIMULATED].update(x=[g], y=[sim.walltime_factor])
