@@ -86,6 +86,19 @@ def test_stop_keeps_what_was_decoded(ctrl):
     assert ctrl.trace.stop_reason == "stopped" and len(ctrl.trace.rounds) == 1 and not ctrl.running
 
 
+def test_stop_before_a_queued_run_starts_ends_it(ctrl):
+    import threading
+
+    gate = threading.Event()
+    ctrl._worker.submit(gate.wait)  # the worker is busy: the run queues behind this
+    ctrl.set("max_new_tokens", 200)
+    assert ctrl.run()
+    ctrl.stop()  # before the run has a decoder
+    gate.set()
+    ctrl.wait(60)
+    assert ctrl.trace.stop_reason == "stopped" and ctrl.trace.rounds == [] and not ctrl.running
+
+
 class Breaks(mtplab.PromptLookupDrafter):
     """Prompt lookup that fails in its third round."""
 
