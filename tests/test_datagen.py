@@ -33,6 +33,10 @@ def test_prompts_are_the_shipped_drafters_on_every_python():
     assert len(a) == 5267
     assert hashlib.sha256("\n".join(a).encode()).hexdigest() == \
         "f4b0ae90838c9a080612a8131d2d4b3ca8eb09f23e5b8d304e080631d29d4f1b"
+    b = datagen.make_prompts(seed=1)  # the order of the templates matters too: every random draw follows it
+    assert len(b) == 5261
+    assert hashlib.sha256("\n".join(b).encode()).hexdigest() == \
+        "361ebbeaeb3caaa2ee1ea0bd3dec4ed7797442564807c7d6f631b4248fb2130c"
 
 
 def test_followup_prompts_wrap_code_emails_and_texts():
