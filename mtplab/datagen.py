@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from .models import chat_ids
+
 TOPICS = """photosynthesis; volcanoes; the water cycle; black holes; the immune system; electric cars; compound interest;
 the printing press; honeybees; rainbows; earthquakes; the Roman Empire; solar panels; vaccines; the internet;
 recycling; coral reefs; the moon landing; climate change; glaciers; the human heart; sleep; coffee; chess; jazz music;
@@ -213,12 +215,6 @@ def doc_snippets(limit: int | None = None, seed: int = 0) -> list:
     return snippets[:limit]
 
 
-def _chat_ids(tokenizer, prompt: str) -> list:
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                         tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 @torch.inference_mode()
 def generate_answers(target, prompts: list, out_dir, *, batch_size: int = 256, max_new_tokens: int = 256,
                      temperature: float = 0.0, max_prompt_tokens: int = 512, seed: int = 0,
@@ -235,7 +231,7 @@ def generate_answers(target, prompts: list, out_dir, *, batch_size: int = 256, m
     out_dir.mkdir(parents=True, exist_ok=True)
     tok, model = target.tokenizer, target.model
     pad = tok.pad_token_id if tok.pad_token_id is not None else min(target.eos_token_ids)
-    encoded = [ids for ids in (_chat_ids(tok, p) for p in prompts) if len(ids) <= max_prompt_tokens]
+    encoded = [ids for ids in (chat_ids(tok, p) for p in prompts) if len(ids) <= max_prompt_tokens]
     encoded.sort(key=len)  # similar lengths per batch: little padding
     batches = [encoded[i:i + batch_size] for i in range(0, len(encoded), batch_size)]
     eos = sorted(target.eos_token_ids)

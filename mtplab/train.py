@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .drafters.mtp import MTPDrafter, MTPHead
-from .models import last_hidden
+from .models import chat_ids, last_hidden
 
 TOP_K = 16
 
@@ -213,9 +213,7 @@ def chat_sequences(target, texts, max_prompt_tokens: int = 200) -> list:
     for i, text in enumerate(texts):
         ids = tok(text, add_special_tokens=False)["input_ids"]
         prompt = tok.decode(ids[:max_prompt_tokens])
-        chat = tok.apply_chat_template([{"role": "user", "content": f"{asks[i % len(asks)]}\n\n{prompt}"},
-                                        {"role": "assistant", "content": tok.decode(ids)}], tokenize=False)
-        out.append(tok(chat, add_special_tokens=False)["input_ids"])
+        out.append(chat_ids(tok, f"{asks[i % len(asks)]}\n\n{prompt}", answer=tok.decode(ids)))
     return out
 
 
