@@ -105,7 +105,7 @@ def train_mtp_drafter(target, features: dict, out_dir, *, num_layers: int = 2, d
     start, history = 0, []
     ckpt = out_dir / "checkpoint.pt"
     if ckpt.exists():  # resume
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=True)
         head.load_state_dict(state["head"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
@@ -221,7 +221,7 @@ def build_features(target, out_dir, max_tokens: int | None = None, block_size: i
     """Features of the target over the standard library's documentation in chat form, cached in ``out_dir``."""
     path = Path(out_dir) / "features.pt"
     if path.exists():
-        return torch.load(path)
+        return torch.load(path, weights_only=True)
     seqs = chat_sequences(target, stdlib_texts())
     if max_tokens:
         kept, total = [], 0
@@ -335,7 +335,7 @@ def train_on_sequences(target, sequences, out_dir, *, heads=((2, None),), draft_
     start, history, total = 0, [], steps
     ckpt = out_dir / "checkpoint.pt"
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False, map_location=device)
+        state = torch.load(ckpt, weights_only=True, map_location=device)
         for h, o, hs, os_ in zip(nets, opts, state["heads"], state["opts"]):
             h.load_state_dict(hs)
             o.load_state_dict(os_)
