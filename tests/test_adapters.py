@@ -319,6 +319,22 @@ def test_builtin_mtp_drafts_as_if_from_scratch(deepseek, gamma):
                 assert fresh.propose(ctx, r.num_draft_tokens, SamplingConfig(), None).tokens == r.draft_ids
 
 
+def test_builtin_mtp_logits_are_transformers_own(deepseek):
+    """``BuiltinMTPDrafter.logits`` (public API) computes what ``MtpModel`` computes with its private
+    ``_project_to_logits``, also with a muP width multiplier and a padded vocabulary (as Inkling's configs have)."""
+    drafter = mtplab.BuiltinMTPDrafter.from_target(mtplab.Target(deepseek[1]))
+    states = torch.randn(1, 3, H)
+    config = drafter.mtp.config
+    with torch.inference_mode():
+        assert torch.equal(drafter.logits(states), drafter.mtp._project_to_logits(states))
+        config.logits_mup_width_multiplier, config.unpadded_vocab_size = 4.0, 60
+        try:
+            got = drafter.logits(states)
+            assert got.shape[-1] == 60 and torch.equal(got, drafter.mtp._project_to_logits(states))
+        finally:
+            del config.logits_mup_width_multiplier, config.unpadded_vocab_size
+
+
 # --- the decoder hook both adapters use ---------------------------------------------------------------------------------
 class Recorder(mtplab.PromptLookupDrafter):
     uses_target_hidden = True
