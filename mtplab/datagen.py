@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from .models import chat_ids
+
 TOPICS = """photosynthesis; volcanoes; the water cycle; black holes; the immune system; electric cars; compound interest;
 the printing press; honeybees; rainbows; earthquakes; the Roman Empire; solar panels; vaccines; the internet;
 recycling; coral reefs; the moon landing; climate change; glaciers; the human heart; sleep; coffee; chess; jazz music;
@@ -72,7 +74,10 @@ elements of two lists; generates a random password; validates an email address w
 greatest common divisor of two numbers; rounds every number in a list to two decimals""".replace("\n", " ")
 CODE_TASKS = [c.strip() for c in CODE_TASKS.split(";") if c.strip()]
 
-DIRECT = (
+# Stage-A templates by kind. ``make_prompts`` fills every one of them for every topic, drawing the random fillers
+# template after template in the order of ``DIRECT``: that order is part of the training data (the shipped
+# drafter's prompts, pinned by a hash in tests/test_datagen.py), so new templates go at the end of ``DIRECT``.
+TOPIC_TEMPLATES = (
     "Explain in simple terms how {topic} works.", "What is {topic}? Explain briefly.",
     "Give me three interesting facts about {topic}.", "Write a short paragraph about {topic}.",
     "Describe {topic} to a ten-year-old.", "What are the pros and cons of {topic}?",
@@ -80,14 +85,18 @@ DIRECT = (
     "List five practical tips about {topic}.", "Write a short blog post introduction about {topic}.",
     "Give a step-by-step guide related to {topic}.", "What are common misconceptions about {topic}?",
     "Write a haiku about {topic}.", "Summarize the history of {topic} in a few sentences.",
-    "Write a short story about {person} who {event}.", "Tell a bedtime story about {person}.",
-    "Write a Python function that {code}.", "Show how to write a Python function that {code}, with an example.",
-    "Explain what the Python module `{module}` is used for, with a short example.",
+)
+STORY_TEMPLATES = ("Write a short story about {person} who {event}.", "Tell a bedtime story about {person}.")
+CODE_TEMPLATES = ("Write a Python function that {code}.",
+                  "Show how to write a Python function that {code}, with an example.")
+MODULE_TEMPLATE = "Explain what the Python module `{module}` is used for, with a short example."
+WRITING_TEMPLATES = (
     "Write a short, friendly email to a colleague about {topic}.",
     "Write a short, blunt email to a coworker complaining about {topic}.",
     "Write a short news report about {topic} that mentions several people by name.",
     "Write five quiz questions about {topic}.", "Give me a short list of vocabulary words related to {topic}.",
 )
+DIRECT = (*TOPIC_TEMPLATES, *STORY_TEMPLATES, *CODE_TEMPLATES, MODULE_TEMPLATE, *WRITING_TEMPLATES)
 ABOUT_TEXT = (
     "Summarize the following paragraph in two sentences:\n\n{text}",
     "Summarize this text in one sentence:\n\n{text}",
@@ -151,10 +160,10 @@ def make_prompts(seed: int = 0) -> list:
                              event=rng.choice(EVENTS), code=rng.choice(CODE_TASKS), module=rng.choice(modules)))
     for person in PEOPLE:
         for event in EVENTS:
-            for t in DIRECT[15:17]:
+            for t in STORY_TEMPLATES:
                 out.add(t.format(person=person, event=event))
     for module in modules:
-        out.add(DIRECT[19].format(module=module))
+        out.add(MODULE_TEMPLATE.format(module=module))
     for _ in range(len(TOPICS)):
         out.add(LIST_TASK.format(items=", ".join(rng.sample(TOPICS, rng.randint(4, 9)))))
     prompts = sorted(p for p in out if not _held_out(p))
@@ -206,12 +215,6 @@ def doc_snippets(limit: int | None = None, seed: int = 0) -> list:
     return snippets[:limit]
 
 
-def _chat_ids(tokenizer, prompt: str) -> list:
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                         tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 @torch.inference_mode()
 def generate_answers(target, prompts: list, out_dir, *, batch_size: int = 256, max_new_tokens: int = 256,
                      temperature: float = 0.0, max_prompt_tokens: int = 512, seed: int = 0,
@@ -228,7 +231,7 @@ def generate_answers(target, prompts: list, out_dir, *, batch_size: int = 256, m
     out_dir.mkdir(parents=True, exist_ok=True)
     tok, model = target.tokenizer, target.model
     pad = tok.pad_token_id if tok.pad_token_id is not None else min(target.eos_token_ids)
-    encoded = [ids for ids in (_chat_ids(tok, p) for p in prompts) if len(ids) <= max_prompt_tokens]
+    encoded = [ids for ids in (chat_ids(tok, p) for p in prompts) if len(ids) <= max_prompt_tokens]
     encoded.sort(key=len)  # similar lengths per batch: little padding
     batches = [encoded[i:i + batch_size] for i in range(0, len(encoded), batch_size)]
     eos = sorted(target.eos_token_ids)

@@ -98,6 +98,19 @@ def fetch_bundled(wheel: str | os.PathLike | None = None, force: bool = False) -
     return out
 
 
+def chat_ids(tokenizer, user: str, answer: str | None = None) -> list:
+    """Token ids of one chat in ``tokenizer``'s chat template: the ``user`` turn and the start of the assistant's turn
+    (the generation prompt), or, with ``answer``, the user turn followed by that whole assistant turn (training text).
+
+    The template writes the special tokens itself, so its text is tokenized without adding any. Every chat mtplab
+    encodes (prompts to decode, prompts to answer for training data, training sequences) goes through here."""
+    messages = [{"role": "user", "content": user}]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": answer})
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=answer is None, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 class Target:
     """A causal LM plus its tokenizer. ``model`` and ``tokenizer`` are the plain transformers objects."""
 
@@ -145,10 +158,7 @@ class Target:
         if chat_template is None:
             chat_template = has_template
         if chat_template:
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-            )
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            return chat_ids(self.tokenizer, prompt)
         return self.tokenizer(prompt)["input_ids"]
 
     def decode(self, ids) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .drafters.mtp import MTPDrafter, MTPHead
-from .models import last_hidden
+from .models import chat_ids, last_hidden
 
 TOP_K = 16
 
@@ -105,7 +105,7 @@ def train_mtp_drafter(target, features: dict, out_dir, *, num_layers: int = 2, d
     start, history = 0, []
     ckpt = out_dir / "checkpoint.pt"
     if ckpt.exists():  # resume
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=True)
         head.load_state_dict(state["head"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
@@ -213,9 +213,7 @@ def chat_sequences(target, texts, max_prompt_tokens: int = 200) -> list:
     for i, text in enumerate(texts):
         ids = tok(text, add_special_tokens=False)["input_ids"]
         prompt = tok.decode(ids[:max_prompt_tokens])
-        chat = tok.apply_chat_template([{"role": "user", "content": f"{asks[i % len(asks)]}\n\n{prompt}"},
-                                        {"role": "assistant", "content": tok.decode(ids)}], tokenize=False)
-        out.append(tok(chat, add_special_tokens=False)["input_ids"])
+        out.append(chat_ids(tok, f"{asks[i % len(asks)]}\n\n{prompt}", answer=tok.decode(ids)))
     return out
 
 
@@ -223,7 +221,7 @@ def build_features(target, out_dir, max_tokens: int | None = None, block_size: i
     """Features of the target over the standard library's documentation in chat form, cached in ``out_dir``."""
     path = Path(out_dir) / "features.pt"
     if path.exists():
-        return torch.load(path)
+        return torch.load(path, weights_only=True)
     seqs = chat_sequences(target, stdlib_texts())
     if max_tokens:
         kept, total = [], 0
@@ -337,7 +335,7 @@ def train_on_sequences(target, sequences, out_dir, *, heads=((2, None),), draft_
     start, history, total = 0, [], steps
     ckpt = out_dir / "checkpoint.pt"
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False, map_location=device)
+        state = torch.load(ckpt, weights_only=True, map_location=device)
         for h, o, hs, os_ in zip(nets, opts, state["heads"], state["opts"]):
             h.load_state_dict(hs)
             o.load_state_dict(os_)

@@ -24,6 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers.cache_utils import DynamicLayer
+
+from .models import GrowingLayer
 
 
 @dataclass
@@ -94,10 +97,6 @@ def best_branch(tree: TokenTree, argmax: list) -> tuple:
 def check_cache(cache) -> None:
     """Refuse, before a tree pass runs, a KV cache whose rows :func:`keep_cache_rows` cannot select (sliding-window
     or other special layers)."""
-    from transformers.cache_utils import DynamicLayer
-
-    from .models import GrowingLayer
-
     for layer in cache.layers:
         if type(layer) not in (DynamicLayer, GrowingLayer):
             raise NotImplementedError(f"tree drafts need a plain full-attention KV cache, this target's has "

@@ -23,7 +23,6 @@ from transformers.modeling_layers import MtpModel
 
 import mtplab
 from mtplab import SpeculativeDecoder, sampling
-from mtplab.drafters.gemma4 import kv_sharing_fix
 from mtplab.models import forward, new_cache
 from mtplab.sampling import SamplingConfig
 
@@ -50,8 +49,7 @@ def gemma4_pair(seed=0, vocab=64, window=64, sparse_head=False, kv_shared_layers
         text_config=dict(model_type="gemma4_text", **gemma4_layers(2, vocab, window), hidden_size_per_layer_input=0,
                          vocab_size_per_layer_input=0),
         backbone_hidden_size=H, use_ordered_embeddings=sparse_head, num_centroids=4, centroid_intermediate_top_k=2)
-    with kv_sharing_fix(config):  # transformers 5.23 cannot build an assistant without it (see mtplab/drafters/gemma4.py)
-        assistant = Gemma4AssistantForCausalLM(config)
+    assistant = Gemma4AssistantForCausalLM(config)
     with torch.no_grad():
         assistant.pre_projection.weight.copy_(torch.cat([0.02 * torch.randn(H, H), torch.eye(H)], dim=1))
         assistant.post_projection.weight.copy_(torch.eye(H))
@@ -317,6 +315,22 @@ def test_builtin_mtp_drafts_as_if_from_scratch(deepseek, gamma):
                 fresh.first_round = False
                 fresh.observe(hidden, None)
                 assert fresh.propose(ctx, r.num_draft_tokens, SamplingConfig(), None).tokens == r.draft_ids
+
+
+def test_builtin_mtp_logits_are_transformers_own(deepseek):
+    """``BuiltinMTPDrafter.logits`` (public API) computes what ``MtpModel`` computes with its private
+    ``_project_to_logits``, also with a muP width multiplier and a padded vocabulary (as Inkling's configs have)."""
+    drafter = mtplab.BuiltinMTPDrafter.from_target(mtplab.Target(deepseek[1]))
+    states = torch.randn(1, 3, H)
+    config = drafter.mtp.config
+    with torch.inference_mode():
+        assert torch.equal(drafter.logits(states), drafter.mtp._project_to_logits(states))
+        config.logits_mup_width_multiplier, config.unpadded_vocab_size = 4.0, 60
+        try:
+            got = drafter.logits(states)
+            assert got.shape[-1] == 60 and torch.equal(got, drafter.mtp._project_to_logits(states))
+        finally:
+            del config.logits_mup_width_multiplier, config.unpadded_vocab_size
 
 
 # --- the decoder hook both adapters use ---------------------------------------------------------------------------------

@@ -71,8 +71,15 @@ def test_sampled_run_on_bundled_model(bundled):
 
 
 def test_chat_template_applied_by_default(bundled):
+    from mtplab.models import chat_ids
+    from mtplab.train import chat_sequences
+    from test_datagen import old_chat_ids
+
     ids = bundled.encode("Hello")
     assert bundled.decode(ids).startswith("<|im_start|>system") and bundled.decode(ids).endswith("assistant\n")
+    assert ids == chat_ids(bundled.tokenizer, "Hello") == old_chat_ids(bundled.tokenizer, "Hello")
+    text = "A docstring.\n\nWith two paragraphs."
+    assert chat_sequences(bundled, [text]) == [old_chat_ids(bundled.tokenizer, f"Explain this documentation:\n\n{text}", text)]
 
 
 def test_bundled_errors(bundled):

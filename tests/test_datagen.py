@@ -33,6 +33,10 @@ def test_prompts_are_the_shipped_drafters_on_every_python():
     assert len(a) == 5267
     assert hashlib.sha256("\n".join(a).encode()).hexdigest() == \
         "f4b0ae90838c9a080612a8131d2d4b3ca8eb09f23e5b8d304e080631d29d4f1b"
+    b = datagen.make_prompts(seed=1)  # the order of the templates matters too: every random draw follows it
+    assert len(b) == 5261
+    assert hashlib.sha256("\n".join(b).encode()).hexdigest() == \
+        "361ebbeaeb3caaa2ee1ea0bd3dec4ed7797442564807c7d6f631b4248fb2130c"
 
 
 def test_followup_prompts_wrap_code_emails_and_texts():
@@ -46,6 +50,49 @@ def test_followup_prompts_wrap_code_emails_and_texts():
     assert sum("```python\ndef add" in p for p in out) == 1
     assert sum(p.startswith(("Rewrite this email", "Make this email")) for p in out) == 1
     assert sum("documentation" in p.split("\n")[0].lower() for p in out) == 1
+
+
+def chat_tokenizer():
+    """A tiny word-level tokenizer with a chat template that has a default system turn (as SmolLM2's)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "<s> </s> system user assistant you are kind hello name a color explain this x = 1 ok".split()
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>", *words])}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    out.chat_template = ("{% if messages[0].role != 'system' %}<s> system you are kind </s> {% endif %}"
+                         "{% for m in messages %}<s> {{ m.role }} {{ m.content }} </s> {% endfor %}"
+                         "{% if add_generation_prompt %}<s> assistant {% endif %}")
+    return out
+
+
+def old_chat_ids(tok, user, answer=None):
+    """The three expressions mtplab.models.chat_ids replaced (Target.encode, datagen, train.chat_sequences)."""
+    if answer is None:
+        text = tok.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True, tokenize=False)
+    else:
+        text = tok.apply_chat_template([{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
+                                       tokenize=False)
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_one_chat_template_helper_encodes_prompts_and_training_chats():
+    from mtplab.models import Target, chat_ids
+    from mtplab.train import chat_sequences
+
+    tok = chat_tokenizer()
+    target = Target(tiny(vocab_size=64).model, tok, "tiny-chat")
+    for prompt in ("hello", "explain this x = 1", "name a color ok"):
+        ids = chat_ids(tok, prompt)
+        assert ids == old_chat_ids(tok, prompt) == target.encode(prompt)
+        assert tok.decode(ids).startswith("<s> system") and tok.decode(ids).endswith("assistant")
+        assert chat_ids(tok, prompt, answer="ok") == old_chat_ids(tok, prompt, answer="ok")
+    texts, want = ["hello " * 30, "x = 1"], []
+    for ask, text in zip(("Explain this documentation:", "Summarize the following text:"), texts):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        want.append(old_chat_ids(tok, f"{ask}\n\n{tok.decode(ids[:8])}", answer=tok.decode(ids)))
+    assert chat_sequences(target, texts, max_prompt_tokens=8) == want
 
 
 @pytest.mark.slow

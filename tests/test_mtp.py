@@ -129,6 +129,22 @@ def test_bad_checkpoints_are_refused(trained, tmp_path):
         MTPDrafter.load(tmp_path)
 
 
+def test_head_norms_are_torchs_rmsnorm_as_the_shipped_head_was_trained():
+    """The shipped head loads into torch.nn.RMSNorm modules (same state-dict keys) with eps 1e-5, and they compute
+    the hand-written norm it was trained with (weight * x * rsqrt(mean(x^2) + eps)) up to float32 rounding."""
+    from mtplab.drafters.mtp import shipped_path
+
+    head = MTPDrafter.load(shipped_path()).head
+    norms = [m for m in head.modules() if isinstance(m, torch.nn.RMSNorm)]
+    assert len(norms) == 3 + head.config["num_layers"] and all(m.eps == 1e-5 for m in norms)
+    torch.manual_seed(0)
+    for m in norms:
+        for scale in (1e-3, 1.0, 100.0):
+            x = torch.randn(5, m.weight.shape[0]) * scale
+            want = m.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
+            torch.testing.assert_close(m(x), want, rtol=1e-6, atol=1e-6)
+
+
 def test_acceptance_by_position_is_conditional():
     m = torch.tensor([[1, 1, 0, 1], [1, 0, 0, 1]]).bool()  # [unroll=2, 4 positions]
     assert acceptance_by_position(m) == pytest.approx([0.75, 2 / 3])  # 2 of the 3 rounds that reached position 1

@@ -16,5 +16,7 @@ def test_notebook_executes(path):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     assert outputs, "the notebook showed nothing"
+    warned = [o.text for o in outputs if o.output_type == "stream" and o.name == "stderr" and "Warning" in o.text]
+    assert not warned, f"the notebook printed warnings: {warned}"  # a reader sees them; they often mean a time bomb
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "identical output: False" not in text  # notebooks that compare with plain decoding must match it

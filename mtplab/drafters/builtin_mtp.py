@@ -100,7 +100,7 @@ class BuiltinMTPDrafter(Drafter):
         drafted, qs = [], []
         for layer in range(self.num_layers):
             states = self.mtp.forward_layer(layer, states, positions, self.cache, input_ids=tokens)
-            logits = self.mtp._project_to_logits(states[:, -1:])[0, -1]  # the target's LM head, as MtpModel.forward
+            logits = self.logits(states[:, -1:])[0, -1]
             q = probs(logits, cfg)
             token = choose(logits, q, cfg, generator)
             drafted.append(token)
@@ -109,6 +109,20 @@ class BuiltinMTPDrafter(Drafter):
             tokens = torch.cat([tokens[:, 1:], torch.tensor([[token]], device=device)], dim=1)
             positions = positions + 1
         return Draft(drafted[:k], torch.stack(qs[:k]) if k else None, start_position=len(ids) - 2)
+
+    def logits(self, states: torch.Tensor) -> torch.Tensor:
+        """Draft logits from MTP states: the target's LM head applied as ``MtpModel.forward`` applies it (states
+        divided by the config's ``logits_mup_width_multiplier`` first, logits cut to ``unpadded_vocab_size``), written
+        with public API only (transformers' own helper for this is private)."""
+        config = self.mtp.config
+        multiplier = getattr(config, "logits_mup_width_multiplier", None)
+        if multiplier is not None:
+            states = states / multiplier
+        logits = self.target.model.get_output_embeddings()(states)
+        vocab = getattr(config, "unpadded_vocab_size", None)
+        if vocab is not None and vocab < logits.shape[-1]:
+            logits = logits[..., :vocab]
+        return logits
 
     @property
     def cache_len(self) -> int:

@@ -21,8 +21,6 @@ adapter reads the target's rolled-back cache instead, so the assistant sees exac
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 
 from ..sampling import choose, probs
@@ -38,34 +36,6 @@ def kv_source_layers(text_config) -> dict:
     first_shared = text_config.num_hidden_layers - (text_config.num_kv_shared_layers or 0)
     types = text_config.layer_types[:first_shared]
     return {t: max(i for i, u in enumerate(types) if u == t) for t in set(types)}
-
-
-@contextmanager
-def kv_sharing_fix(config):
-    """Let transformers build an assistant from ``config`` (a ``Gemma4AssistantConfig``).
-
-    transformers 5.23's ``Gemma4TextConfig.kv_sharing_modes`` raises "The set of layer types producing a cache is
-    different ..." when every layer reuses KV states, which is the case in every assistant; 5.22 made all such layers
-    "reuse". Where the property raises, this restores that rule while the model is built (the only time it is read).
-    """
-    text = config.get_text_config()
-    try:
-        text.kv_sharing_modes  # raises in transformers 5.23
-        broken = False
-    except ValueError:
-        broken = text.num_kv_shared_layers == text.num_hidden_layers
-    if not broken:
-        yield
-        return
-    cls = type(text)
-    original = cls.kv_sharing_modes  # the property object
-    all_reuse = lambda c: ["reuse"] * c.num_hidden_layers
-    cls.kv_sharing_modes = property(lambda c: all_reuse(c) if c.num_kv_shared_layers == c.num_hidden_layers
-                                    else original.fget(c))
-    try:
-        yield
-    finally:
-        cls.kv_sharing_modes = original
 
 
 class Gemma4AssistantDrafter(Drafter):
@@ -90,12 +60,12 @@ class Gemma4AssistantDrafter(Drafter):
 
     @staticmethod
     def load(name_or_path, **kwargs):
-        """``AutoModelForCausalLM.from_pretrained`` for an assistant checkpoint (with :func:`kv_sharing_fix`)."""
-        from transformers import AutoConfig, AutoModelForCausalLM
+        """``AutoModelForCausalLM.from_pretrained`` for an assistant checkpoint. (transformers 5.23.0 cannot build
+        one: its ``Gemma4TextConfig.kv_sharing_modes`` raises when every layer reuses KV states, as in every assistant;
+        pyproject.toml excludes that release.)"""
+        from transformers import AutoModelForCausalLM
 
-        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=kwargs.get("trust_remote_code", False))
-        with kv_sharing_fix(config):
-            return AutoModelForCausalLM.from_pretrained(name_or_path, config=config, **kwargs).eval()
+        return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs).eval()
 
     def bind(self, target) -> None:
         text = target.model.config.get_text_config()
