@@ -1,14 +1,8 @@
 """``Round`` and ``Trace``: the records of a decode run — the only thing views, reports and benchmarks read.
 
 A Round holds everything needed to replay one draft/verify decision without the model. A Trace is the prompt,
-the configuration and the rounds, plus the metrics derived from them:
-
-* acceptance rate = accepted drafted tokens / drafted tokens;
-* mean acceptance length = tokens emitted per target forward pass (the bonus/correction token included, as vLLM
-  counts it);
-* per-position acceptance rate = rounds that accepted position i / rounds that drafted position i;
-* measured speedup = plain seconds per token / speculative seconds per token (``speedup(spec, plain)``);
-* the draft cost c and the cost model theory needs live in :mod:`mtplab.costs`.
+the configuration and the rounds, plus the metrics derived from them (:func:`metrics_of`). Every metric's name and
+meaning is in ``GLOSSARY`` (the README's glossary says the same; views label their numbers with these names).
 """
 from __future__ import annotations
 
@@ -17,6 +11,22 @@ from dataclasses import asdict, dataclass, field, fields
 
 # one way: the report reads a Trace's attributes and imports nothing of this module at runtime
 from .report import trace_html
+
+GLOSSARY = {  # one vocabulary: each name means this, wherever it appears
+    "mean acceptance length": "tokens emitted per target pass (verify), the target's own bonus or correction token "
+                              "included, as vLLM counts it; 1 is plain decoding",
+    "acceptance rate": "accepted drafted tokens / drafted tokens, over all rounds",
+    "per-position acceptance": "as vLLM counts it: rounds that accepted draft position i / rounds that drafted "
+                               "position i (so later positions include every earlier rejection)",
+    "conditional acceptance": "rounds that accepted draft position i / rounds that reached it (accepted every "
+                              "position before i and drafted i): the chance of the next token, given the ones before",
+    "α": "the i.i.d. acceptance probability Leviathan's formulas take, estimated from the rounds (accepted tokens / "
+         "(accepted tokens + rejections)); close to the conditional acceptance when it does not decay",
+    "c": "the drafter's cost: its seconds per drafted token / the seconds of one plain target step",
+    "v(γ)": "the verify cost: one target pass over γ+1 tokens / one plain target step (Leviathan assume 1; "
+            "measured on this machine)",
+    "speedup": "plain seconds per token / speculative seconds per token, measured in the same run",
+}
 
 
 @dataclass
@@ -175,13 +185,27 @@ def metrics_of(rounds, prefill_seconds: float = 0.0) -> Metrics:
 
 def reached_positions(rnd) -> range:
     """The draft positions a round reached: every drafted position up to the first rejection, that one included
-    (the denominator of a *conditional* per-position rate: accepted at i / rounds that reached i)."""
+    (the denominator of the conditional acceptance: accepted at i / rounds that reached i)."""
     return range(min(rnd.num_drafted, rnd.num_accepted + 1))
 
 
+def conditional_acceptance(rounds) -> list:
+    """``GLOSSARY["conditional acceptance"]`` per draft position: accepted at i / rounds that reached i."""
+    accepted, reached = [], []
+    for rnd in rounds:
+        for i in reached_positions(rnd):
+            if i == len(reached):
+                accepted.append(0)
+                reached.append(0)
+            reached[i] += 1
+            accepted[i] += i < rnd.num_accepted
+    return [a / r for a, r in zip(accepted, reached)]
+
+
 def per_position_acceptance(rounds) -> tuple:
-    """``(rates, accepted, drafted)`` per draft position, as vLLM reports them: position i accepted / rounds that
-    drafted position i (over any rounds, e.g. of several traces)."""
+    """``(rates, accepted, drafted)`` per draft position, as vLLM counts them (``GLOSSARY["per-position
+    acceptance"]``): position i accepted / rounds that drafted position i (over any rounds, e.g. of several
+    traces)."""
     longest = max((r.num_drafted for r in rounds), default=0)
     drafted = [sum(r.num_drafted > i for r in rounds) for i in range(longest)]
     accepted = [sum(r.num_drafted > i and r.num_accepted > i for r in rounds) for i in range(longest)]

@@ -57,3 +57,17 @@ def test_each_metric_formula_on_made_up_traces():
     assert costs.draft_cost_ratio(spec.rounds, step) == pytest.approx(0.008 / 4 / 0.016)
     cm = costs.cost_model(spec, plain)
     assert cm["c"] == pytest.approx(0.125) and cm["verify_cost"] == {2: pytest.approx(0.02 / 0.016)}
+
+
+def test_one_vocabulary_readme_glossary_and_metrics_agree():
+    """Each term of trace.GLOSSARY is in the README's glossary with the same words, and the conditional acceptance
+    differs from the per-position acceptance as vLLM counts it exactly as defined (hand-worked rounds)."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    for term, meaning in trace.GLOSSARY.items():
+        assert f"- **{term}**: {meaning}." in readme
+    spec, _ = made_up_traces()  # drafted 2 → accepted 2; drafted 2 → accepted 1; drafted 0
+    extra = mtplab.Round(index=3, context_len=12, drafter="made-up", num_draft_tokens=3, draft_ids=[1, 2, 3],
+                         num_accepted=0, token_id=5, token_kind="correction")
+    rounds = spec.rounds + [extra]  # + drafted 3 → accepted 0: reached position 0 only
+    assert trace.per_position_acceptance(rounds)[0] == [2 / 3, 1 / 3, 0.0]
+    assert trace.conditional_acceptance(rounds) == [2 / 3, 1 / 2]

@@ -10,7 +10,7 @@ from plotly.subplots import make_subplots
 from .. import theory
 from ..costs import cost_model
 from ..palette import COLORS
-from ..trace import speedup
+from ..trace import GLOSSARY, conditional_acceptance, speedup
 from .style import named_traces
 
 GAMMAS = list(range(1, 9))
@@ -35,7 +35,7 @@ class SpeedupDashboard(W.VBox):
         self.metrics = W.HTML("<i>No run yet.</i>")
         self.fig = go.FigureWidget(make_subplots(
             rows=1, cols=3, column_widths=[0.25, 0.4, 0.35],
-            subplot_titles=("acceptance by draft position", "time per round", "speedup vs draft length γ")))
+            subplot_titles=("per-position acceptance (as vLLM counts it)", "time per round", "speedup vs draft length γ")))
         f = self.fig
         f.add_bar(name=ACCEPTANCE, x=[], y=[], marker_color=COLORS["accepted"], row=1, col=1, showlegend=False)
         for name, (_, color) in TIME_BARS.items():
@@ -69,8 +69,10 @@ class SpeedupDashboard(W.VBox):
         m = spec.metrics
         if verify_cost is None and spec.config.get("verify_cost"):
             verify_cost = dict(enumerate(spec.config["verify_cost"]))
-        rows = [("acceptance rate", f"{m.acceptance_rate:.2f}"),
-                ("mean acceptance length", f"{m.mean_acceptance_length:.2f} tokens / target pass"),
+        rows = [("mean acceptance length", f"{m.mean_acceptance_length:.2f} tokens / target pass"),
+                ("acceptance rate", f"{m.acceptance_rate:.2f} of drafted tokens"),
+                ("conditional acceptance", " ".join(f"{a:.2f}" for a in conditional_acceptance(spec.rounds))
+                 + " by draft position (given the ones before)"),
                 ("tokens/s", f"{m.tokens_per_second:.1f}")]
         with self.fig.batch_update():
             t = self.traces
@@ -86,7 +88,9 @@ class SpeedupDashboard(W.VBox):
                 gamma = sum(r.num_draft_tokens for r in rounds) / len(rounds)  # = the setting, unless auto chose
                 g = max(1, round(gamma))
                 rows += [("measured speedup", f"<b>{s:.2f}×</b> vs plain decoding (same prompt, same run)"),
-                         ("α, c", f"α ≈ {cm['alpha']:.2f} (i.i.d. estimate), c ≈ {cm['c']:.3f} (draft step / target step)"),
+                         ("α", f"α ≈ {cm['alpha']:.2f}: the i.i.d. estimate theory takes (the acceptance rate "
+                                f"above also counts drafted tokens after a rejection, so it is lower)"),
+                         ("c", f"c ≈ {cm['c']:.3f} (a drafted token's seconds / a plain step's)"),
                          ("theory at γ", f"{theory.walltime_factor(cm['alpha'], g, cm['c']):.2f}× (Leviathan), "
                           f"{theory.walltime_factor(cm['alpha'], g, cm['c'], vc):.2f}× (measured v(γ))")]
                 auto = [r for r in rounds if r.expected_speedup is not None]
@@ -107,7 +111,8 @@ class SpeedupDashboard(W.VBox):
                                                          for g in GAMMAS])
                 t[MEASURED].update(x=[gamma], y=[s])
         self.metrics.value = "<table class='mtplab-metrics'>" + "".join(
-            f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>" for k, v in rows) + "</table>"
+            f"<tr><td title='{html.escape(GLOSSARY.get(k, ''), quote=True)}'>{html.escape(k)}</td><td>{v}</td></tr>"
+            for k, v in rows) + "</table>"
 
     def show_sweep(self, points) -> None:
         """``points``: ``[(γ, measured speedup), ...]`` from a sweep."""
