@@ -356,7 +356,7 @@ def train_on_sequences(target, sequences, out_dir, *, heads=((2, None),), draft_
     v_ids = None if vocab_ids is None else vocab_ids.to(device)
     pad = min(target.eos_token_ids) if target.eos_token_ids else 0
     weights = [0.8 ** j for j in range(unroll)]
-    embed_f = lambda x: embed(x).float()
+    embed_f = lambda x: embed(x).detach().float()  # the target's embedding: an input, never trained
 
     def validate():
         for h in nets:
