@@ -105,7 +105,7 @@ def cmd_train_drafter(args) -> None:
     import time
 
     from .models import load_target
-    from .train import build_features, train_mtp_drafter, train_on_sequences
+    from .train import docs_sequences, train_on_sequences
 
     target = load_target(args.model)
     t0 = time.perf_counter()
@@ -114,19 +114,15 @@ def cmd_train_drafter(args) -> None:
 
         seqs = build_answer_corpus(target, f"{args.out}/data", minutes=args.gen_minutes, batch_size=args.gen_batch,
                                    limit=args.max_prompts)
-        print(f"{len(seqs)} answers ({time.perf_counter() - t0:.0f} s)")
-        drafter = train_on_sequences(target, seqs, args.out, heads=((args.num_layers, None),),
-                                     draft_vocab_size=args.draft_vocab, unroll=args.unroll, steps=args.steps,
-                                     batch_size=args.batch_size, lr=args.lr,
-                                     time_budget=None if args.train_minutes is None else 60 * args.train_minutes)[0]
-        where = f"{args.out}/head0"
     else:
-        feats = build_features(target, args.out, args.max_tokens, args.block_size)
-        print(f"{feats['tokens'].numel()} training positions ({time.perf_counter() - t0:.0f} s)")
-        drafter = train_mtp_drafter(target, feats, args.out, num_layers=args.num_layers,
-                                    draft_vocab_size=args.draft_vocab, unroll=args.unroll, steps=args.steps,
-                                    batch_size=args.batch_size, lr=args.lr)
-        where = args.out
+        seqs = docs_sequences(target, max_tokens=args.max_tokens, block_size=args.block_size)
+    print(f"{len(seqs)} sequences, {sum(len(ids) - s for ids, s in seqs)} tokens to learn "
+          f"({time.perf_counter() - t0:.0f} s)")
+    drafter = train_on_sequences(target, seqs, args.out, heads=((args.num_layers, None),),
+                                 draft_vocab_size=args.draft_vocab, unroll=args.unroll, steps=args.steps,
+                                 batch_size=args.batch_size, lr=args.lr,
+                                 time_budget=None if args.train_minutes is None else 60 * args.train_minutes)[0]
+    where = f"{args.out}/head0"
     print(f"saved {drafter.name} to {where} ({time.perf_counter() - t0:.0f} s in all); "
           f"use it with mtplab.load_drafter({where!r})")
 
@@ -180,23 +176,26 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", metavar="PATH", help="write the rows as JSON")
     bench.set_defaults(func=cmd_bench)
 
-    train = sub.add_parser("train-drafter", help="train an MTP drafter for the target by self-distillation (resumes)")
-    train.add_argument("--out", required=True, help="folder for features, checkpoints and the drafter")
+    train = sub.add_parser("train-drafter", help="train an MTP drafter for the target by self-distillation (resumes)",
+                           description="One trainer (mtplab.train.train_on_sequences) for both kinds of data. A re-run "
+                           "with the same --out resumes; other data or settings there are refused: use a new --out.")
+    train.add_argument("--out", required=True, help="folder for the data, the checkpoint and the drafter (OUT/head0)")
     train.add_argument("--model", default=None, help="target: hub id or local folder (default: bundled SmolLM2-135M)")
     train.add_argument("--data", choices=("docs", "answers"), default="docs",
-                       help="docs: teacher-forced standard-library docs (quick); answers: the target's own answers to "
-                            "thousands of prompts (the shipped drafter's recipe; wants a GPU)")
+                       help="docs: standard-library docs in chat form, the whole text learned (quick to make); "
+                            "answers: the target's own answers to thousands of prompts (the shipped drafter's "
+                            "recipe; generating them wants a GPU)")
     train.add_argument("--gen-minutes", type=float, default=None, help="answers: time limit for generation")
     train.add_argument("--gen-batch", type=int, default=256, help="answers: sequences generated at once")
     train.add_argument("--max-prompts", type=int, default=None, help="answers: use the first N prompts only")
-    train.add_argument("--train-minutes", type=float, default=None, help="answers: fit training into this time")
     train.add_argument("--max-tokens", type=int, default=None, help="docs: cap on training tokens (default: all)")
-    train.add_argument("--block-size", type=int, default=128)
+    train.add_argument("--block-size", type=int, default=128, help="docs: tokens per training sequence")
+    train.add_argument("--train-minutes", type=float, default=None, help="fit training into this time")
     train.add_argument("--num-layers", type=int, default=2)
     train.add_argument("--draft-vocab", type=int, default=8192, help="draft vocabulary: most frequent N tokens")
     train.add_argument("--unroll", type=int, default=4, help="steps ahead trained with the head's own fed-back state")
     train.add_argument("--steps", type=int, default=2000)
-    train.add_argument("--batch-size", type=int, default=8)
+    train.add_argument("--batch-size", type=int, default=8, help="sequences per step (the target runs on each batch)")
     train.add_argument("--lr", type=float, default=2e-3)
     train.set_defaults(func=cmd_train_drafter)
 

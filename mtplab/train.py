@@ -1,161 +1,29 @@
-"""Making an MTP drafter for a target by self-distillation.
+"""Making an MTP drafter for a target by self-distillation: one trainer, :func:`train_on_sequences`.
 
-1. :func:`collect_features` runs the target over token sequences (its own generations, or redistributable text)
-   and stores, per position, the target's last hidden state, the token, and the target's own next-token
-   distribution (top ``TOP_K`` probabilities). One teacher-forced forward per block: no generation needed.
-2. :func:`train_mtp_drafter` trains an :class:`~mtplab.drafters.mtp.MTPHead` to reproduce those distributions
-   ``unroll`` steps ahead, feeding its own output state back exactly as it will when drafting. It logs per-position
-   greedy acceptance on a validation split (as vLLM reports it: position i accepted / rounds that drafted
-   position i), checkpoints, and resumes from its last checkpoint after an interruption.
+The data is token sequences, ``(ids, answer_start)`` pairs: the target's own answers to many prompts
+(:func:`mtplab.datagen.build_answer_corpus`, the shipped drafter's recipe) or any text, such as the standard
+library's documentation in the target's chat format (:func:`docs_sequences`, ``answer_start`` 0 so that the whole
+text is learned). Per batch the target reads the sequences teacher-forced; its last hidden states seed the head,
+and the head learns to reproduce the target's next-token distribution (on the draft vocabulary) 1 to ``unroll``
+steps ahead, feeding its own output state back exactly as it will when drafting.
+
+Validation measures greedy acceptance per draft position on held-out sequences, under two names:
+:func:`conditional_acceptance` (position i accepted given positions before it were) and :func:`vllm_acceptance`
+(position i accepted / drafts that proposed position i, as vLLM counts it). ``out_dir/checkpoint.pt`` records what
+the run was trained on and with, so a re-run resumes it and a run with other data or settings is refused.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import time
+from array import array
 from pathlib import Path
 
 import torch
 
 from .drafters.mtp import MTPDrafter, MTPHead
 from .models import chat_ids, last_hidden
-
-TOP_K = 16
-
-
-@torch.inference_mode()
-def collect_features(target, sequences, block_size: int = 256, progress: bool = True) -> dict:
-    """Teacher-forced target pass over ``sequences`` (lists of token ids), cut into blocks of ``block_size``.
-
-    Returns ``{"hidden": [N, T, H] float16, "tokens": [N, T] int32, "top_ids": [N, T, K] int32,
-    "top_probs": [N, T, K] float16}``; row t of a block holds the target's view *after* reading token t.
-    """
-    from tqdm.auto import tqdm
-
-    blocks = [s[i:i + block_size] for s in sequences for i in range(0, len(s) - block_size + 1, block_size)]
-    if not blocks:
-        raise ValueError(f"no sequence is as long as block_size={block_size}")
-    model = target.model
-    out = {"hidden": [], "tokens": [], "top_ids": [], "top_probs": []}
-    for block in tqdm(blocks, desc="target features", unit="block", disable=not progress):
-        x = torch.tensor([block], device=model.device)
-        with last_hidden(model) as got:
-            o = model(input_ids=x, **got.kwargs)
-        p = torch.softmax(o.logits[0].float(), dim=-1)
-        top = torch.topk(p, TOP_K, dim=-1)
-        out["hidden"].append(got.hidden(o)[0].to(torch.float16).cpu())
-        out["tokens"].append(x[0].to(torch.int32).cpu())
-        out["top_ids"].append(top.indices.to(torch.int32).cpu())
-        out["top_probs"].append(top.values.to(torch.float16).cpu())
-    return {k: torch.stack(v) for k, v in out.items()}
-
-
-def frequent_tokens(features: dict, size: int | None) -> torch.Tensor | None:
-    """The ``size`` tokens the target predicts most often (its argmax) in the features: the draft vocabulary."""
-    if size is None:
-        return None
-    counts = torch.bincount(features["top_ids"][..., 0].flatten().long())
-    size = min(size, int((counts > 0).sum()))
-    return torch.sort(torch.topk(counts, size).indices).values
-
-
-def _unrolled_loss(head, embed, lm_head_t, vocab_map, batch, unroll):
-    """Soft cross-entropy against the target's top-k distribution at each of ``unroll`` steps; also the greedy
-    match of each step (the drafter's argmax equals the target's)."""
-    hidden, tokens, top_ids, top_probs = (batch[k] for k in ("hidden", "tokens", "top_ids", "top_probs"))
-    T = tokens.shape[1]
-    n = T - unroll
-    s = hidden[:, :n].float()
-    losses, matches = [], []
-    for j in range(1, unroll + 1):
-        s = head(s, embed(tokens[:, j:n + j].long()))
-        logp = torch.log_softmax(s @ lm_head_t, dim=-1)  # [B, n, V']
-        ids, pr = top_ids[:, j:n + j].long(), top_probs[:, j:n + j].float()
-        local = vocab_map[ids]  # -1 where the target's candidate is outside the draft vocabulary
-        pr = pr * (local >= 0)
-        pr = pr / pr.sum(-1, keepdim=True).clamp_min(1e-8)
-        losses.append(-(pr * logp.gather(-1, local.clamp_min(0))).sum(-1).mean())
-        matches.append(local[..., 0] == logp.argmax(-1))  # greedy: drafted token == target's top token
-    return torch.stack(losses), torch.stack(matches)  # [unroll], [unroll, B, n]
-
-
-def acceptance_by_position(matches: torch.Tensor) -> list:
-    """Greedy per-position acceptance as vLLM reports it: P(position i accepted | positions < i accepted)."""
-    chain = matches.cumprod(0).float().flatten(1).mean(1)  # P(first i+1 positions all accepted)
-    prev = torch.cat([torch.ones(1), chain[:-1]])
-    return (chain / prev.clamp_min(1e-8)).tolist()
-
-
-def train_mtp_drafter(target, features: dict, out_dir, *, num_layers: int = 2, draft_vocab_size: int | None = 8192,
-                      unroll: int = 4, steps: int = 2000, batch_size: int = 16, lr: float = 2e-3,
-                      val_fraction: float = 0.05, log_every: int = 100, checkpoint_every: int = 500,
-                      seed: int = 0, progress: bool = True, log=print) -> MTPDrafter:
-    """Train an MTP head on ``features`` (from :func:`collect_features`); save it to ``out_dir``; resume there."""
-    from tqdm.auto import tqdm
-
-    out_dir = Path(out_dir)
-    torch.manual_seed(seed)
-    n_blocks = features["tokens"].shape[0]
-    n_val = max(1, int(n_blocks * val_fraction)) if n_blocks > 1 else 0
-    train_idx, val_idx = torch.arange(n_val, n_blocks), torch.arange(n_val)
-    hidden_size = features["hidden"].shape[-1]
-    vocab_ids = frequent_tokens(features, draft_vocab_size)
-    head = MTPHead(hidden_size, num_layers)
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
-    start, history = 0, []
-    ckpt = out_dir / "checkpoint.pt"
-    if ckpt.exists():  # resume
-        state = torch.load(ckpt, weights_only=True)
-        head.load_state_dict(state["head"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        vocab_ids, start, history = state["vocab_ids"], state["step"], state["history"]
-        log(f"resuming from step {start}")
-
-    embed = target.model.get_input_embeddings()
-    head_w = target.model.get_output_embeddings().weight.detach()
-    lm_head_t = (head_w if vocab_ids is None else head_w[vocab_ids]).float().t().contiguous()
-    vocab_map = torch.full((target.vocab_size,), -1, dtype=torch.long)
-    vocab_map[torch.arange(target.vocab_size) if vocab_ids is None else vocab_ids] = torch.arange(lm_head_t.shape[1])
-    for p in embed.parameters():
-        p.requires_grad_(False)
-    batch_of = lambda idx: {k: v[idx] for k, v in features.items()}
-
-    def validate():
-        head.eval()
-        with torch.no_grad():
-            losses, matches = _unrolled_loss(head, embed, lm_head_t, vocab_map, batch_of(val_idx), unroll)
-        head.train()
-        return losses.mean().item(), acceptance_by_position(matches)
-
-    t0 = time.perf_counter()
-    head.train()
-    bar = tqdm(range(start, steps), desc="training MTP head", unit="step", disable=not progress, initial=start, total=steps)
-    for step in bar:
-        idx = train_idx[torch.randint(len(train_idx), (min(batch_size, len(train_idx)),))]
-        losses, _ = _unrolled_loss(head, embed, lm_head_t, vocab_map, batch_of(idx), unroll)
-        loss = losses.mean()
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        done = step + 1
-        if n_val and (done % log_every == 0 or done == steps):
-            val_loss, acc = validate()
-            history.append(dict(step=done, train_loss=loss.item(), val_loss=val_loss, acceptance=acc,
-                                seconds=time.perf_counter() - t0))
-            log(f"step {done}: train {loss.item():.3f} val {val_loss:.3f} per-position greedy acceptance "
-                + " ".join(f"{a:.2f}" for a in acc))
-        if done % checkpoint_every == 0 or done == steps:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            torch.save(dict(head=head.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
-                            vocab_ids=vocab_ids, step=done, history=history), ckpt)
-    drafter = MTPDrafter(head.eval(), vocab_ids)
-    drafter.history = history
-    drafter.save(out_dir, target=target.name, unroll=unroll, steps=steps, history=history)
-    return drafter
 
 
 STDLIB_MODULES = (
@@ -217,31 +85,29 @@ def chat_sequences(target, texts, max_prompt_tokens: int = 200) -> list:
     return out
 
 
-def build_features(target, out_dir, max_tokens: int | None = None, block_size: int = 128, progress=True) -> dict:
-    """Features of the target over the standard library's documentation in chat form, cached in ``out_dir``."""
-    path = Path(out_dir) / "features.pt"
-    if path.exists():
-        return torch.load(path, weights_only=True)
-    seqs = chat_sequences(target, stdlib_texts())
-    if max_tokens:
-        kept, total = [], 0
-        for s in seqs:
-            kept.append(s[: max_tokens - total])
-            total += len(kept[-1])
-            if total >= max_tokens:
-                break
-        seqs = kept
-    feats = collect_features(target, seqs, block_size=block_size, progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(feats, path)
-    return feats
+def docs_sequences(target, *, modules=None, max_tokens: int | None = None, per_text: int | None = None,
+                   block_size: int = 128) -> list:
+    """The standard library's documentation as training sequences: :func:`chat_sequences` of :func:`stdlib_texts`
+    (``modules``: default all), each cut to its first ``per_text`` tokens and into blocks of ``block_size`` (a shorter
+    tail is dropped), blocks taken in order until ``max_tokens``. Returns ``(block, 0)`` pairs: ``answer_start`` 0, so
+    the loss covers the whole text, chat template and request included."""
+    out, total = [], 0
+    for ids in chat_sequences(target, stdlib_texts(modules)):
+        ids = ids[:per_text]
+        for i in range(0, len(ids) - block_size + 1, block_size):
+            if max_tokens is not None and total >= max_tokens:
+                return out
+            out.append((ids[i:i + block_size], 0))
+            total += block_size
+    return out
 
 
-# --- training straight from token sequences (the target's own answers), target features computed on the fly ---------
+# --- the trainer -----------------------------------------------------------------------------------------------
 
 def draft_vocabulary(sequences, size: int | None) -> torch.Tensor | None:
-    """The ``size`` most frequent answer tokens of ``sequences`` (``(ids, answer_start)`` pairs): for greedy answers
-    these are exactly the tokens the target most often predicts."""
+    """The draft vocabulary: the ``size`` most frequent tokens the loss covers in ``sequences`` (``(ids, answer_start)``
+    pairs: tokens from ``answer_start`` on), sorted; ``None`` for the whole vocabulary. For the target's greedy
+    answers these are exactly the tokens it most often predicts."""
     if size is None:
         return None
     counts = torch.bincount(torch.tensor([t for ids, start in sequences for t in ids[start:]], dtype=torch.long))
@@ -249,11 +115,38 @@ def draft_vocabulary(sequences, size: int | None) -> torch.Tensor | None:
     return torch.sort(torch.topk(counts, size).indices).values
 
 
+def data_fingerprint(sequences) -> dict:
+    """What identifies training data: the number of sequences, their tokens and answer tokens, and a SHA-256 of
+    every ``(ids, answer_start)`` pair in order (the order decides the validation split)."""
+    h, tokens, answer = hashlib.sha256(), 0, 0
+    for ids, start in sequences:
+        h.update(array("q", [len(ids), start, *ids]).tobytes())
+        tokens += len(ids)
+        answer += len(ids) - start
+    return dict(sequences=len(sequences), tokens=tokens, answer_tokens=answer, sha256=h.hexdigest())
+
+
+def conditional_acceptance(matches: torch.Tensor) -> list:
+    """Greedy acceptance per draft position, *conditional*: P(position i accepted | positions < i accepted) =
+    drafts accepted through position i / drafts accepted through position i-1. ``matches``: ``[positions, drafts]``
+    (or more trailing dims), whether each drafted token equals the target's greedy token there."""
+    chain = matches.cumprod(0).float().flatten(1).mean(1)  # P(first i+1 positions all accepted)
+    prev = torch.cat([torch.ones(1), chain[:-1]])
+    return (chain / prev.clamp_min(1e-8)).tolist()
+
+
+def vllm_acceptance(matches: torch.Tensor) -> list:
+    """Greedy acceptance per draft position as vLLM counts it: drafts with position i accepted / drafts that
+    proposed position i. Every draft here proposes every position, and position i is accepted only if all earlier
+    ones were, so this is P(first i+1 positions all accepted): it never rises with i (the conditional rate may)."""
+    return matches.cumprod(0).float().flatten(1).mean(1).tolist()
+
+
 def _pad_batch(batch, pad: int, device):
     width = max(len(ids) for ids, _ in batch)
     ids = torch.full((len(batch), width), pad, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
-    answer = torch.zeros((len(batch), width), dtype=torch.bool)  # position t holds a token of the answer
+    answer = torch.zeros((len(batch), width), dtype=torch.bool)  # position t holds a token to learn
     for i, (seq, start) in enumerate(batch):
         ids[i, : len(seq)] = torch.tensor(seq)
         mask[i, : len(seq)] = 1
@@ -263,8 +156,8 @@ def _pad_batch(batch, pad: int, device):
 
 @torch.no_grad()
 def _teacher(model, ids, mask, vocab_ids):
-    """The target's last hidden states and its next-token distribution restricted (and renormalised) to the draft
-    vocabulary, plus whether its argmax lies in that vocabulary."""
+    """The target's last hidden states, its next-token distribution restricted (and renormalised) to the draft
+    vocabulary, and its greedy next token (argmax over the whole vocabulary)."""
     with last_hidden(model) as got:
         o = model(input_ids=ids, attention_mask=mask, **got.kwargs)
     p = torch.softmax(o.logits.float(), dim=-1)
@@ -274,9 +167,23 @@ def _teacher(model, ids, mask, vocab_ids):
     return got.hidden(o).float(), p / p.sum(-1, keepdim=True).clamp_min(1e-8), top
 
 
+def _draft_head(target, vocab_ids):
+    """The target's LM head restricted to the draft vocabulary, transposed (``[hidden, V']``: draft logits = s @ it),
+    and the map from token id to draft-vocabulary index (-1 outside it)."""
+    model = target.model
+    head_w = model.get_output_embeddings().weight.detach().float()
+    lm_head_t = (head_w if vocab_ids is None else head_w[vocab_ids]).t().contiguous()
+    vocab_map = torch.full((target.vocab_size,), -1, dtype=torch.long, device=head_w.device)
+    vocab_map[torch.arange(target.vocab_size, device=head_w.device) if vocab_ids is None else vocab_ids] = \
+        torch.arange(lm_head_t.shape[1], device=head_w.device)
+    return lm_head_t, vocab_map
+
+
 def _sequence_loss(head, embed, lm_head_t, vocab_map, hidden, ids, answer, p, top, unroll, weights):
-    """Unrolled soft cross-entropy at answer positions; step j predicts token t+j+1 from the state fed back j-1
-    times and the true token t+j (as drafting does once the earlier drafts were accepted)."""
+    """Unrolled soft cross-entropy where the predicted token is one to learn (``answer``); step j predicts token
+    t+j+1 from the state fed back j-1 times and the true token t+j (as drafting does once the earlier drafts were
+    accepted). Also whether each step's greedy draft is the target's greedy token, and which seeds' whole drafts
+    lie in the tokens to learn."""
     n = ids.shape[1] - unroll
     s = hidden[:, :n]
     if head.attn is not None:  # memory: every position j, value from the token after it; seed t sees j <= t
@@ -302,61 +209,117 @@ def _sequence_loss(head, embed, lm_head_t, vocab_map, hidden, ids, answer, p, to
     return loss, torch.stack(matches), masks[0] & masks[-1]
 
 
+def _describe(key, value) -> str:
+    if key == "target":
+        return f"target {value['name']} (hidden size {value['hidden_size']}, vocabulary {value['vocab_size']})"
+    if key == "heads":
+        return "heads " + ",".join(f"{h['num_layers']}x{h['intermediate_size']}" + "+ctx" * h["context_attention"]
+                                   for h in value)
+    if key == "data":
+        return (f"data of {value['sequences']} sequences, {value['tokens']} tokens, {value['answer_tokens']} trained on "
+                f"(sha256 {value['sha256'][:12]})")
+    return f"{key} {value}"
+
+
+def _check_same_run(ckpt: Path, saved: dict | None, run: dict) -> None:
+    """Refuse a checkpoint of another run (other data, target, heads or settings) before loading any of it."""
+    how = (f"To resume it, call again with the same data and settings; to train a new drafter, use another output "
+           f"folder (--out) or delete {ckpt}.")
+    if saved is None:
+        raise ValueError(f"{ckpt} was written by an older mtplab trainer and does not record what it was trained on, "
+                         f"so it cannot be resumed safely. Use another output folder (--out) or delete {ckpt}.")
+    diff = [k for k in run if saved.get(k) != run[k]]
+    if diff:
+        raise ValueError(f"{ckpt} belongs to another run: it was trained with "
+                         + "; ".join(f"{_describe(k, saved.get(k))}, not {_describe(k, run[k])}" for k in diff)
+                         + f". {how}")
+
+
 def train_on_sequences(target, sequences, out_dir, *, heads=((2, None),), draft_vocab_size: int | None = 8192,
                        unroll: int = 4, steps: int = 2000, batch_size: int = 16, lr: float = 2e-3,
                        val_size: int = 64, log_every: int = 100, checkpoint_every: int = 200,
-                       time_budget: float | None = None, restart: bool = False, seed: int = 0, progress: bool = True,
-                       log=print) -> list:
-    """Train one or more MTP heads on ``sequences`` (``(ids, answer_start)`` pairs, e.g. from
-    :func:`mtplab.datagen.load_sequences`), computing the target's hidden states and distributions on the fly.
+                       time_budget: float | None = None, restart: bool = False, cache_teacher: bool = False,
+                       seed: int = 0, progress: bool = True, log=print) -> list:
+    """Train one or more MTP heads on ``sequences`` (``(ids, answer_start)`` pairs: the loss covers the tokens from
+    ``answer_start`` on), running the target over each batch for its hidden states and distributions.
 
-    ``heads``: ``(num_layers, intermediate_size[, context_attention])`` per head (see :class:`MTPHead`); all see
-    the same batches (one target pass). Each is
-    saved to ``out_dir/head{i}`` (safetensors + JSON); ``out_dir/checkpoint.pt`` makes a re-run resume.
-    ``time_budget`` (seconds): shorten the run to fit, measured over the first steps (the schedule adapts).
-    ``restart``: continue from the checkpoint's weights and optimizer with a fresh schedule (warm-up, cosine) from
-    step 0 — a warm restart, as used for the shipped drafter. Returns the drafters.
+    ``heads``: ``(num_layers, intermediate_size[, context_attention])`` per head (see :class:`MTPHead`); all see the
+    same batches (one target pass). ``draft_vocab_size``: the draft vocabulary (:func:`draft_vocabulary` of the
+    training split; ``None``: the whole vocabulary). ``unroll``: steps ahead trained with the head's own fed-back
+    state. ``val_size`` sequences (at most a tenth) are held out, chosen by ``seed``; every ``log_every`` steps their
+    loss and greedy acceptance per position (:func:`conditional_acceptance`, :func:`vllm_acceptance`) go to the
+    history and ``log``. Every ``checkpoint_every`` steps ``out_dir/checkpoint.pt`` is written and each head is
+    saved to ``out_dir/head{i}`` (safetensors + JSON; :func:`mtplab.load_drafter` reads it).
+
+    A re-run in ``out_dir`` resumes the run where its checkpoint left it, with the same batches and schedule, so it
+    ends where the run would have ended uninterrupted (unless ``time_budget`` refits the schedule); a checkpoint of other data, another target, other heads or another
+    ``draft_vocab_size`` / ``unroll`` / ``seed`` / ``val_size`` is refused with a ``ValueError``. ``batch_size``,
+    ``lr``, ``steps`` and ``time_budget`` may change on resume (a new ``steps`` runs to that many steps).
+    ``time_budget`` (seconds): shorten the run to fit, measured over its first 20 steps (the schedule adapts).
+    ``restart``: continue from the checkpoint's weights and optimizer with a fresh schedule (warm-up, cosine) of
+    ``steps`` — a warm restart, as used for the shipped drafter; the history's step count goes on.
+    ``cache_teacher``: keep the target's outputs for each sequence after its first batch instead of recomputing
+    them (memory: tokens x (hidden size + draft vocabulary) x 4 bytes), for small data on a CPU.
+    Returns the drafters.
     """
     from tqdm.auto import tqdm
 
+    if len(sequences) < 2:
+        raise ValueError(f"train_on_sequences needs at least 2 sequences (some are held out), got {len(sequences)}")
     out_dir = Path(out_dir)
     model = target.model
     device = model.device
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(sequences), generator=gen).tolist()
     val_size = max(1, min(val_size, len(sequences) // 10))
-    val = [sequences[i] for i in order[:val_size]]
-    train = [sequences[i] for i in order[val_size:]]
-    vocab_ids = draft_vocabulary(train, draft_vocab_size)
+    val, train = order[:val_size], order[val_size:]  # indices into ``sequences``
+    vocab_ids = draft_vocabulary([sequences[i] for i in train], draft_vocab_size)
     hidden_size = model.get_input_embeddings().weight.shape[1]
     torch.manual_seed(seed)
     nets = [MTPHead(hidden_size, *spec).to(device) for spec in heads]
     opts = [torch.optim.AdamW(h.parameters(), lr=lr, weight_decay=0.0) for h in nets]
-    start, history, total = 0, [], steps
+    run = dict(target=dict(name=target.name, hidden_size=hidden_size, vocab_size=target.vocab_size),
+               heads=[dict(h.config) for h in nets], draft_vocab_size=draft_vocab_size, unroll=unroll,
+               data=data_fingerprint(sequences), seed=seed, val_size=val_size)
+    start, earlier, history, total = 0, 0, [], steps
     ckpt = out_dir / "checkpoint.pt"
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=True, map_location=device)
+        _check_same_run(ckpt, state.get("run"), run)
         for h, o, hs, os_ in zip(nets, opts, state["heads"], state["opts"]):
             h.load_state_dict(hs)
             o.load_state_dict(os_)
-        vocab_ids, start, history = state["vocab_ids"], state["step"], state["history"]
+        vocab_ids = None if state["vocab_ids"] is None else state["vocab_ids"].cpu()
+        start, earlier, history = state["step"], state["earlier_steps"], state["history"]
+        gen.set_state(state["rng"].cpu())
         # same arguments: the same (possibly time-fitted) schedule; a new ``steps``: run to that many steps
-        total = state["total"] if steps == state.get("steps_arg", steps) else max(steps, start)
+        total = state["total"] if steps == state["steps_arg"] else max(steps, start)
         if restart:
-            start, total = 0, steps
-        log(f"{'restarting' if restart else 'resuming'} from step {start} of {total}")
+            earlier, start, total = earlier + start, 0, steps
+        log(f"{'restarting' if restart else 'resuming'} from step {earlier + start}"
+            + ("" if restart else f" of {earlier + total}"))
     schedule = lambda i: min(1.0, (i + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(i, total) / total))
 
     embed = model.get_input_embeddings()
-    head_w = model.get_output_embeddings().weight.detach().float()
-    lm_head_t = (head_w if vocab_ids is None else head_w[vocab_ids.to(device)]).t().contiguous()
-    vocab_map = torch.full((target.vocab_size,), -1, dtype=torch.long, device=device)
-    vocab_map[torch.arange(target.vocab_size, device=device) if vocab_ids is None else vocab_ids.to(device)] = \
-        torch.arange(lm_head_t.shape[1], device=device)
     v_ids = None if vocab_ids is None else vocab_ids.to(device)
+    lm_head_t, vocab_map = _draft_head(target, v_ids)
     pad = min(target.eos_token_ids) if target.eos_token_ids else 0
     weights = [0.8 ** j for j in range(unroll)]
-    embed_f = lambda x: embed(x).float()
+    embed_f = lambda x: embed(x).detach().float()  # the target's embedding: an input, never trained
+    cache = {} if cache_teacher else None
+
+    def batch_of(idx):
+        """Token ids, answer mask and the target's (hidden, p, top) for the sequences ``idx``, padded alike."""
+        ids, mask, answer = _pad_batch([sequences[i] for i in idx], pad, device)
+        if cache is None:
+            return (ids, answer, *_teacher(model, ids, mask, v_ids))
+        new = [i for i in dict.fromkeys(idx) if i not in cache]
+        if new:
+            new_ids, new_mask, _ = _pad_batch([sequences[i] for i in new], pad, device)
+            for i, n, *rows in zip(new, new_mask.sum(1).tolist(), *_teacher(model, new_ids, new_mask, v_ids)):
+                cache[i] = [r[:n] for r in rows]
+        padded = (torch.nn.utils.rnn.pad_sequence([cache[i][k] for i in idx], batch_first=True) for k in range(3))
+        return (ids, answer, *padded)
 
     def validate():
         for h in nets:
@@ -364,11 +327,10 @@ def train_on_sequences(target, sequences, out_dir, *, heads=((2, None),), draft_
         accs, losses = [[] for _ in nets], [[] for _ in nets]
         with torch.no_grad():
             for i in range(0, len(val), batch_size):
-                ids, mask, answer = _pad_batch(val[i:i + batch_size], pad, device)
-                hidden, p, top = _teacher(model, ids, mask, v_ids)
+                ids, answer, hidden, p, top = batch_of(val[i:i + batch_size])
                 for k, h in enumerate(nets):
                     loss, matches, m = _sequence_loss(h, embed_f, lm_head_t, vocab_map, hidden, ids, answer, p,
-                                                         top, unroll, weights)
+                                                      top, unroll, weights)
                     accs[k].append((matches, m))
                     losses[k].append(loss.item())
         for h in nets:
@@ -377,7 +339,8 @@ def train_on_sequences(target, sequences, out_dir, *, heads=((2, None),), draft_
         for k in range(len(nets)):
             matches = torch.cat([m.flatten(1) for m, _ in accs[k]], 1)
             mask = torch.cat([m.flatten() for _, m in accs[k]])
-            out.append((sum(losses[k]) / len(losses[k]), acceptance_by_position(matches[:, mask].cpu())))
+            matches = matches[:, mask].cpu()  # seeds whose whole draft lies in the trained text
+            out.append((sum(losses[k]) / len(losses[k]), conditional_acceptance(matches), vllm_acceptance(matches)))
         return out
 
     def export():
@@ -385,15 +348,16 @@ def train_on_sequences(target, sequences, out_dir, *, heads=((2, None),), draft_
         for k, h in enumerate(nets):
             d = MTPDrafter(h, vocab_ids)
             d.history = [r for r in history if r["head"] == k]
-            d.save(out_dir / f"head{k}", dtype=torch.float16, target=target.name, unroll=unroll, steps=step,
+            d.save(out_dir / f"head{k}", dtype=torch.float16, target=target.name, unroll=unroll, steps=earlier + step,
                    sequences=len(train), history=d.history)
             drafters.append(d)
         return drafters
 
-    def save_checkpoint(done):
+    def save_checkpoint():
         out_dir.mkdir(parents=True, exist_ok=True)
-        torch.save(dict(heads=[h.state_dict() for h in nets], opts=[o.state_dict() for o in opts],
-                        vocab_ids=vocab_ids, step=done, history=history, total=total, steps_arg=steps), ckpt)
+        torch.save(dict(run=run, heads=[h.state_dict() for h in nets], opts=[o.state_dict() for o in opts],
+                        vocab_ids=vocab_ids, step=step, total=total, steps_arg=steps, earlier_steps=earlier,
+                        rng=gen.get_state(), history=history), ckpt)
         export()  # the heads so far, usable even if the run is cut off
         for h in nets:
             h.train()
@@ -403,14 +367,13 @@ def train_on_sequences(target, sequences, out_dir, *, heads=((2, None),), draft_
                total=total)
     step = start
     while step < total:
-        idx = torch.randint(len(train), (batch_size,), generator=gen).tolist()
-        ids, mask, answer = _pad_batch([train[i] for i in idx], pad, device)
-        hidden, p, top = _teacher(model, ids, mask, v_ids)
+        idx = [train[i] for i in torch.randint(len(train), (batch_size,), generator=gen).tolist()]
+        ids, answer, hidden, p, top = batch_of(idx)
         for h, o in zip(nets, opts):
             for g in o.param_groups:
                 g["lr"] = lr * schedule(step)
             loss, _, _ = _sequence_loss(h, embed_f, lm_head_t, vocab_map, hidden, ids, answer, p, top, unroll,
-                                           weights)
+                                        weights)
             o.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(h.parameters(), 1.0)
@@ -426,13 +389,14 @@ def train_on_sequences(target, sequences, out_dir, *, heads=((2, None),), draft_
                 bar.total = total
                 log(f"{per_step:.2f} s/step: {total} steps fit in the time budget")
         if step % log_every == 0 or step == total:
-            for k, (val_loss, acc) in enumerate(validate()):
-                history.append(dict(step=step, head=k, val_loss=val_loss, acceptance=acc,
-                                    seconds=time.perf_counter() - t0))
-                log(f"step {step} head {k} {heads[k]}: val {val_loss:.3f} per-position greedy acceptance "
-                    + " ".join(f"{a:.2f}" for a in acc))
+            for k, (val_loss, cond, vllm) in enumerate(validate()):
+                history.append(dict(step=earlier + step, head=k, val_loss=val_loss, conditional_acceptance=cond,
+                                    vllm_acceptance=vllm, seconds=time.perf_counter() - t0))
+                log(f"step {earlier + step} head {k} {heads[k]}: val loss {val_loss:.3f}; greedy acceptance by "
+                    f"position, conditional {' '.join(f'{a:.2f}' for a in cond)}, as vLLM counts it "
+                    + " ".join(f"{a:.2f}" for a in vllm))
         if step % checkpoint_every == 0 or step == total:
-            save_checkpoint(step)
+            save_checkpoint()
     for h in nets:
         h.eval()
     return export()

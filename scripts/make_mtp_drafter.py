@@ -19,7 +19,6 @@ H100 (generation 371 s, then training 432 s + 368 s + 220 s):
     python scripts/make_mtp_drafter.py OUT $A --train-minutes 4.2 --restart --lr 6e-4
 """
 import argparse
-import json
 import time
 from pathlib import Path
 

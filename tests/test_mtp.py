@@ -1,4 +1,5 @@
-"""mtplab's MTP drafter on tiny random targets: exactness (greedy and sampled), save/load, training, bad checkpoints."""
+"""mtplab's MTP drafter on tiny random targets: exactness (greedy and sampled), save/load, training (the one
+trainer: loss, draft vocabulary, acceptance, resume and its refusals, both data paths), bad checkpoints."""
 import pytest
 import torch
 
@@ -6,7 +7,7 @@ import mtplab
 from mtplab import SpeculativeDecoder, sampling
 from mtplab.drafters.mtp import MTPDrafter, MTPHead
 from mtplab.sampling import SamplingConfig
-from mtplab.train import acceptance_by_position, collect_features, train_mtp_drafter
+from mtplab.train import conditional_acceptance, draft_vocabulary, train_on_sequences, vllm_acceptance
 
 from conftest import tiny
 from test_distribution import CONFIGS, CTX, V, dist, first_token_dist, target_joint, two_token_dist
@@ -81,54 +82,6 @@ def test_chi_square_mtp_on_real_decoder():
     assert chisquare(obs, exp * obs.sum() / exp.sum()).pvalue > 1e-3
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    target = tiny(vocab_size=64, seed=0)
-    gen = SpeculativeDecoder(target, None, temperature=1.0)
-    seqs = [PROMPT[:3] + gen.generate(PROMPT[:3], 61, seed=s).token_ids for s in range(24)]
-    feats = collect_features(target, seqs, block_size=32, progress=False)
-    out = tmp_path_factory.mktemp("mtp")
-    drafter = train_mtp_drafter(target, feats, out, steps=150, batch_size=8, log_every=50, lr=3e-3,
-                                draft_vocab_size=48, progress=False, log=lambda *_: None)
-    return target, feats, out, drafter
-
-
-def test_training_lowers_the_loss_and_raises_acceptance(trained):
-    target, _, _, drafter = trained
-    first, last = drafter.history[0], drafter.history[-1]
-    assert last["val_loss"] < first["val_loss"]
-    assert len(last["acceptance"]) == 4
-    assert last["acceptance"][0] > first["acceptance"][0] + 0.03, (first, last)
-    m = SpeculativeDecoder(target, drafter, num_draft_tokens=3, schedule="constant").generate(PROMPT, 40).metrics
-    assert m.accepted > 0
-
-
-def test_save_load_round_trip_gives_identical_drafts(trained):
-    target, _, out, drafter = trained
-    back = MTPDrafter.load(out)
-    assert torch.equal(back.vocab_ids, drafter.vocab_ids) and back.meta["unroll"] == 4
-    a = SpeculativeDecoder(target, drafter, num_draft_tokens=4, schedule="constant", temperature=0.8).generate(PROMPT, 30, seed=2)
-    b = SpeculativeDecoder(target, back, num_draft_tokens=4, schedule="constant", temperature=0.8).generate(PROMPT, 30, seed=2)
-    assert [r.draft_ids for r in a.rounds] == [r.draft_ids for r in b.rounds] and a.token_ids == b.token_ids
-
-
-def test_training_resumes_from_its_checkpoint(trained):
-    target, feats, out, drafter = trained
-    lines = []
-    again = train_mtp_drafter(target, feats, out, steps=170, batch_size=8, log_every=10, progress=False, log=lines.append)
-    assert lines[0] == "resuming from step 150" and again.history[-1]["step"] == 170
-
-
-def test_bad_checkpoints_are_refused(trained, tmp_path):
-    _, _, out, drafter = trained
-    with pytest.raises(ValueError, match="hidden size 32, but the target .* has hidden size 48"):
-        SpeculativeDecoder(mtplab.tiny_random_target(vocab_size=64, hidden_size=48), MTPDrafter.load(out))
-    with pytest.raises(ValueError, match="drafts token ids up to .* beyond the target .*vocabulary of 16"):
-        SpeculativeDecoder(mtplab.tiny_random_target(vocab_size=16), MTPDrafter.load(out))
-    with pytest.raises(ValueError, match="is not an MTP drafter folder"):
-        MTPDrafter.load(tmp_path)
-
-
 def test_head_norms_are_torchs_rmsnorm_as_the_shipped_head_was_trained():
     """The shipped head loads into torch.nn.RMSNorm modules (same state-dict keys) with eps 1e-5, and they compute
     the hand-written norm it was trained with (weight * x * rsqrt(mean(x^2) + eps)) up to float32 rounding."""
@@ -143,11 +96,6 @@ def test_head_norms_are_torchs_rmsnorm_as_the_shipped_head_was_trained():
             x = torch.randn(5, m.weight.shape[0]) * scale
             want = m.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
             torch.testing.assert_close(m(x), want, rtol=1e-6, atol=1e-6)
-
-
-def test_acceptance_by_position_is_conditional():
-    m = torch.tensor([[1, 1, 0, 1], [1, 0, 0, 1]]).bool()  # [unroll=2, 4 positions]
-    assert acceptance_by_position(m) == pytest.approx([0.75, 2 / 3])  # 2 of the 3 rounds that reached position 1
 
 
 # --- context copying (the shipped drafter's context_ngram) ------------------------------------------------------
@@ -200,49 +148,280 @@ def test_context_ngram_is_checked():
             MTPDrafter(head, context_ngram=bad)
 
 
-# --- training from token sequences (train_on_sequences, the shipped drafter's trainer) ---------------------------
+# --- training: mtplab.train.train_on_sequences, the one trainer -------------------------------------------------
 
 HEADS = ((1, 64), (2, None), (1, 64, True))  # the third reads the context
+QUIET = dict(progress=False, log=lambda *_: None)
+
+
+def sampled_sequences(target, n, length, seed=0, answer_start=3):
+    """``n`` ``(ids, answer_start)`` pairs: PROMPT[:3] and the target's own sampled continuation."""
+    gen = SpeculativeDecoder(target, None, temperature=1.0)
+    return [(PROMPT[:3] + gen.generate(PROMPT[:3], length, seed=seed + s).token_ids, answer_start) for s in range(n)]
 
 
 @pytest.fixture(scope="module")
 def trained_seq(tmp_path_factory):
-    from mtplab.train import train_on_sequences
-
     target = tiny(vocab_size=64, seed=0)
-    gen = SpeculativeDecoder(target, None, temperature=1.0)
-    seqs = [(PROMPT[:3] + gen.generate(PROMPT[:3], 45, seed=s).token_ids, 3) for s in range(30)]
+    seqs = sampled_sequences(target, 30, 45)
     out = tmp_path_factory.mktemp("mtpseq")
-    drafters = train_on_sequences(target, seqs, out, heads=HEADS, draft_vocab_size=48, steps=120,
-                                  batch_size=8, lr=3e-3, val_size=6, log_every=40, checkpoint_every=40,
-                                  progress=False, log=lambda *_: None)
+    drafters = train_on_sequences(target, seqs, out, heads=HEADS, draft_vocab_size=48, steps=120, batch_size=8,
+                                  lr=3e-3, val_size=6, log_every=40, checkpoint_every=40, **QUIET)
     return target, seqs, out, drafters
 
 
-def test_train_on_sequences_lowers_the_loss(trained_seq):
+def test_training_lowers_the_loss_and_raises_acceptance(trained_seq):
     target, _, out, drafters = trained_seq
     assert len(drafters) == 3 and drafters[2].head.attn is not None
     for d in drafters:
         first, last = d.history[0], d.history[-1]
-        assert last["val_loss"] < first["val_loss"], (first, last)
-        assert len(last["acceptance"]) == 4 and 0 <= min(last["acceptance"]) <= max(last["acceptance"]) <= 1
+        assert [h["step"] for h in d.history] == [40, 80, 120]
+        assert last["val_loss"] < first["val_loss"] - 0.1, (first, last)
+        for key in ("conditional_acceptance", "vllm_acceptance"):
+            assert len(last[key]) == 4 and 0 <= min(last[key]) <= max(last[key]) <= 1
+        assert last["vllm_acceptance"][0] == last["conditional_acceptance"][0]  # the same at the first position
+        assert last["vllm_acceptance"] == sorted(last["vllm_acceptance"], reverse=True)
+    assert drafters[1].history[-1]["conditional_acceptance"][0] > drafters[1].history[0]["conditional_acceptance"][0]
     assert len(drafters[0].vocab_ids) == 48
+    m = SpeculativeDecoder(target, drafters[1], num_draft_tokens=3, schedule="constant").generate(PROMPT, 40).metrics
+    assert m.accepted > 0
 
 
-def test_train_on_sequences_saves_and_resumes(trained_seq):
-    from mtplab.train import train_on_sequences
-
-    target, seqs, out, drafters = trained_seq
+def test_trained_heads_are_saved_and_load_back(trained_seq, tmp_path):
+    target, _, out, drafters = trained_seq
     back = MTPDrafter.load(out / "head1")
-    assert back.head.config["num_layers"] == 2 and back.meta["steps"] == 120
+    assert back.head.config["num_layers"] == 2 and back.meta["steps"] == 120 and back.meta["unroll"] == 4
+    assert torch.equal(back.vocab_ids, drafters[1].vocab_ids) and back.meta["history"] == drafters[1].history
     a = SpeculativeDecoder(target, drafters[1], num_draft_tokens=3, schedule="constant").generate(PROMPT, 20)
     b = SpeculativeDecoder(target, back, num_draft_tokens=3, schedule="constant").generate(PROMPT, 20)
     # saved in float16: the drafts may differ in the last bits, the output never does (greedy = plain)
     assert a.token_ids == b.token_ids
+    full = MTPDrafter.load(drafters[1].save(tmp_path / "fp32"))  # saved at full precision: the very same drafts
+    a = SpeculativeDecoder(target, drafters[1], num_draft_tokens=4, schedule="constant", temperature=0.8).generate(PROMPT, 30, seed=2)
+    b = SpeculativeDecoder(target, full, num_draft_tokens=4, schedule="constant", temperature=0.8).generate(PROMPT, 30, seed=2)
+    assert [r.draft_ids for r in a.rounds] == [r.draft_ids for r in b.rounds] and a.token_ids == b.token_ids
+
+
+def test_a_finished_run_resumes_to_more_steps(trained_seq):
+    target, seqs, out, _ = trained_seq
     lines = []
-    train_on_sequences(target, seqs, out, heads=HEADS, draft_vocab_size=48, steps=130, batch_size=8,
-                       val_size=6, log_every=10, progress=False, log=lines.append)
+    train_on_sequences(target, seqs, out, heads=HEADS, draft_vocab_size=48, steps=130, batch_size=8, val_size=6,
+                       log_every=10, progress=False, log=lines.append)
     assert lines[0] == "resuming from step 120 of 130" and any(line.startswith("step 130 head 1") for line in lines)
+    assert [h["step"] for h in MTPDrafter.load(out / "head1").meta["history"]] == [40, 80, 120, 130]
+
+
+def test_bad_checkpoints_are_refused(trained_seq, tmp_path):
+    _, _, out, _ = trained_seq
+    with pytest.raises(ValueError, match="hidden size 32, but the target .* has hidden size 48"):
+        SpeculativeDecoder(mtplab.tiny_random_target(vocab_size=64, hidden_size=48), MTPDrafter.load(out / "head1"))
+    with pytest.raises(ValueError, match="drafts token ids up to .* beyond the target .*vocabulary of 16"):
+        SpeculativeDecoder(mtplab.tiny_random_target(vocab_size=16), MTPDrafter.load(out / "head1"))
+    with pytest.raises(ValueError, match="is not an MTP drafter folder"):
+        MTPDrafter.load(tmp_path)
+
+
+def test_acceptance_per_position_conditional_and_as_vllm_counts_it():
+    from types import SimpleNamespace
+
+    from mtplab.trace import per_position_acceptance
+
+    m = torch.tensor([[1, 1, 0, 1], [1, 0, 1, 1], [0, 0, 1, 1]]).bool()  # [3 positions, 4 drafts]
+    # accepted through position 0: drafts 0, 1, 3; through 1: 0, 3; through 2: 3 (draft 2's later matches count not)
+    assert vllm_acceptance(m) == pytest.approx([3 / 4, 2 / 4, 1 / 4])
+    assert conditional_acceptance(m) == pytest.approx([3 / 4, 2 / 3, 1 / 2])
+    # the decoder's per-position acceptance (vLLM's count) of rounds that drafted 3 and accepted these prefixes
+    rounds = [SimpleNamespace(num_drafted=3, num_accepted=int(m[:, d].cumprod(0).sum())) for d in range(4)]
+    assert per_position_acceptance(rounds)[0] == pytest.approx(vllm_acceptance(m))
+
+
+def test_draft_vocabulary_counts_only_the_tokens_to_learn():
+    seqs = [([9, 9, 9, 1, 2, 2, 3, 3, 3], 3), ([9, 4, 3, 2], 1)]  # 9 is only ever in a prompt
+    assert draft_vocabulary(seqs, 2).tolist() == [2, 3]  # 3: four times, 2: three times, 1 and 4 once
+    assert draft_vocabulary(seqs, 100).tolist() == [1, 2, 3, 4]  # at most the tokens seen, sorted
+    assert draft_vocabulary([(ids, 0) for ids, _ in seqs], 1).tolist() == [9]  # answer_start 0: the whole text
+    assert draft_vocabulary(seqs, None) is None
+
+
+def reference_loss(target, head, vocab_ids, seqs, unroll, weights):
+    """The training loss and greedy matches written out position by position, one sequence at a time."""
+    model = target.model
+    embed = model.get_input_embeddings()
+    vocab = torch.arange(target.vocab_size) if vocab_ids is None else torch.tensor(vocab_ids)
+    lm_head = model.get_output_embeddings().weight.detach().float()[vocab]
+    seeds = max(len(ids) for ids, _ in seqs) - unroll  # seeds per row of the padded batch
+    terms, matches = [[] for _ in range(unroll)], []
+    for ids, start in seqs:
+        with torch.no_grad():
+            out = model(torch.tensor([ids]), output_hidden_states=True)
+        hidden, p = out.hidden_states[-1][0].float(), torch.softmax(out.logits[0].float(), -1)
+        for t in range(min(seeds, len(ids))):
+            s, row = hidden[t], []
+            for j in range(1, unroll + 1):
+                if t + j + 1 >= len(ids):  # step j drafts token t+j+1: there is none
+                    break
+                s = head(s, embed(torch.tensor(ids[t + j])).float())
+                logq = torch.log_softmax(lm_head @ s, -1)
+                q_target = p[t + j][vocab] / p[t + j][vocab].sum()  # the target's next-token distribution
+                if t + j + 1 >= start:
+                    terms[j - 1].append(-(q_target * logq).sum())
+                row.append(bool(vocab[logq.argmax()] == p[t + j].argmax()))
+            if t + 2 >= start and t + unroll + 1 < len(ids):  # the whole draft is text to learn
+                matches.append(row)
+    loss = sum(w * torch.stack(x).mean() for w, x in zip(weights, terms)) / sum(weights)
+    return loss, torch.tensor(matches).T
+
+
+@pytest.mark.parametrize("vocab_ids", [None, list(range(0, 64, 3)) + [1, 5]], ids=["whole-vocab", "draft-vocab"])
+def test_the_training_loss_is_the_unrolled_self_distillation_loss(trained_seq, vocab_ids):
+    from mtplab.train import _draft_head, _pad_batch, _sequence_loss, _teacher
+
+    target, seqs, _, drafters = trained_seq
+    seqs = [(seqs[0][0], 3), (seqs[1][0][:30], 8), (seqs[2][0][:20], 0)]  # lengths differ (padding), starts too
+    head = drafters[1].head  # trained: its drafts agree with the target now and then
+    ids_t = None if vocab_ids is None else torch.tensor(sorted(vocab_ids))
+    weights = [0.8 ** j for j in range(4)]
+    ids, mask, answer = _pad_batch(seqs, 0, "cpu")
+    hidden, p, top = _teacher(target.model, ids, mask, ids_t)
+    lm_head_t, vocab_map = _draft_head(target, ids_t)
+    with torch.no_grad():
+        loss, matches, seeds = _sequence_loss(head, lambda x: target.model.get_input_embeddings()(x).float(),
+                                              lm_head_t, vocab_map, hidden, ids, answer, p, top, 4, weights)
+        want_loss, want_matches = reference_loss(target, head, None if ids_t is None else ids_t.tolist(), seqs, 4,
+                                                 weights)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-4, atol=1e-5)
+    assert torch.equal(matches.flatten(1)[:, seeds.flatten()], want_matches)
+    assert want_matches.any()  # the check saw some agreement to count
+
+
+def test_cached_target_outputs_train_the_same_heads(tmp_path):
+    target = tiny(vocab_size=64, seed=0)
+    seqs = sampled_sequences(target, 20, 20)
+    kw = dict(heads=((1, 32),), draft_vocab_size=40, steps=10, batch_size=4, val_size=2, log_every=5, **QUIET)
+    plain = train_on_sequences(target, seqs, tmp_path / "plain", **kw)[0]
+    cached = train_on_sequences(target, seqs, tmp_path / "cached", cache_teacher=True, **kw)[0]
+    for a, b in zip(plain.head.parameters(), cached.head.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert [h["val_loss"] for h in plain.history] == pytest.approx([h["val_loss"] for h in cached.history], rel=1e-4)
+
+
+RUN = dict(heads=((1, 32),), draft_vocab_size=40, steps=12, batch_size=4, val_size=2, log_every=4,
+           checkpoint_every=4, progress=False)
+
+
+def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    import mtplab.train as train
+
+    target = tiny(vocab_size=64, seed=0)
+    seqs = sampled_sequences(target, 20, 20)
+    whole = train_on_sequences(target, seqs, tmp_path / "whole", log=lambda *_: None, **RUN)[0]
+    real, calls = train._teacher, []
+
+    def cut_off(*args):  # target passes: 4 training steps, 1 validation, 4 steps, 1 validation, then step 9's
+        calls.append(1)
+        if len(calls) == 11:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(train, "_teacher", cut_off)
+    with pytest.raises(KeyboardInterrupt):
+        train_on_sequences(target, seqs, tmp_path / "cut", log=lambda *_: None, **RUN)
+    monkeypatch.setattr(train, "_teacher", real)
+    lines = []
+    again = train_on_sequences(target, seqs, tmp_path / "cut", log=lines.append, **RUN)[0]
+    assert lines[0] == "resuming from step 8 of 12"
+    for a, b in zip(whole.head.state_dict().values(), again.head.state_dict().values()):
+        assert torch.equal(a, b)  # the same batches, schedule and optimizer state: the same weights
+    drop = lambda history: [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+    assert drop(again.history) == drop(whole.history) and [h["step"] for h in again.history] == [4, 8, 12]
+
+
+def test_a_warm_restart_goes_on_counting_steps(tmp_path):
+    target = tiny(vocab_size=64, seed=0)
+    seqs = sampled_sequences(target, 20, 20)
+    train_on_sequences(target, seqs, tmp_path, log=lambda *_: None, **RUN)
+    lines = []
+    d = train_on_sequences(target, seqs, tmp_path, restart=True, log=lines.append, **dict(RUN, steps=8))[0]
+    assert lines[0] == "restarting from step 12"
+    assert [h["step"] for h in d.history] == [4, 8, 12, 16, 20] and MTPDrafter.load(tmp_path / "head0").meta["steps"] == 20
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(data="drop"), r"trained with data of 20 sequences, .*, not data of 19 sequences"),
+    (dict(data="edit"), r"trained with data of 20 sequences, 460 tokens, 400 trained on \(sha256 \w+\), not data of "
+                        r"20 sequences, 460 tokens, 400 trained on \(sha256"),
+    (dict(heads=((2, 32),)), r"trained with heads 1x32, not heads 2x32"),
+    (dict(heads=((1, 32, True),)), r"trained with heads 1x32, not heads 1x32\+ctx"),
+    (dict(draft_vocab_size=30), r"trained with draft_vocab_size 40, not draft_vocab_size 30"),
+    (dict(unroll=3), r"trained with unroll 4, not unroll 3"),
+    (dict(target=dict(hidden_size=48)), r"trained with target tiny-llama-v64-l2-s0 \(hidden size 32, vocabulary 64\), "
+                                        r"not target tiny-llama-v64-l2-s0 \(hidden size 48, vocabulary 64\)"),
+    (dict(target=dict(vocab_size=80)), r"\(hidden size 32, vocabulary 64\), not target tiny-llama-v80-l2-s0 "
+                                       r"\(hidden size 32, vocabulary 80\)"),
+], ids=["fewer-sequences", "other-tokens", "deeper-head", "context-head", "draft-vocab", "unroll", "hidden-size",
+        "vocabulary"])
+def test_a_checkpoint_of_another_run_is_refused(tmp_path, change, message):
+    target = tiny(vocab_size=64, seed=0)
+    seqs = sampled_sequences(target, 20, 20)
+    run = dict(RUN, steps=2)
+    train_on_sequences(target, seqs, tmp_path, log=lambda *_: None, **run)
+    stamp = (tmp_path / "checkpoint.pt").read_bytes()
+    change = dict(change)
+    data = change.pop("data", None)
+    if data == "drop":
+        seqs = seqs[:-1]
+    elif data == "edit":
+        seqs = [(ids[:-1] + [(ids[-1] + 1) % 64], start) if i == 7 else (ids, start) for i, (ids, start) in enumerate(seqs)]
+    if "target" in change:
+        target = mtplab.tiny_random_target(**dict(dict(vocab_size=64, hidden_size=32), **change.pop("target")))
+    with pytest.raises(ValueError, match=message) as e:
+        train_on_sequences(target, seqs, tmp_path, log=lambda *_: None, **dict(run, **change))
+    assert f"use another output folder (--out) or delete {tmp_path / 'checkpoint.pt'}" in str(e.value)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == stamp  # left as it was
+
+
+def test_a_checkpoint_that_records_no_run_is_refused(tmp_path):
+    target = tiny(vocab_size=64, seed=0)
+    torch.save(dict(head={}, opt={}, sched={}, vocab_ids=None, step=3, history=[]), tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match="written by an older mtplab trainer .* cannot be resumed safely"):
+        train_on_sequences(target, sampled_sequences(target, 20, 20), tmp_path, **RUN)
+
+
+def test_both_kinds_of_data_train_through_the_one_trainer(tmp_path, monkeypatch, capsys):
+    """`mtplab train-drafter --data docs` and `--data answers` hand their sequences to train_on_sequences, and
+    switching --data on the same --out is refused with a message (it was a KeyError)."""
+    from mtplab import cli, datagen, models, train
+
+    target = tiny(vocab_size=64, seed=0)
+    docs = [(ids, 0) for ids, _ in sampled_sequences(target, 12, 20)]  # docs: the whole text is learned
+    answers = sampled_sequences(target, 12, 20, seed=100)
+    monkeypatch.setattr(models, "load_target", lambda name: target)
+    monkeypatch.setattr(train, "docs_sequences", lambda target, max_tokens, block_size: docs)
+    monkeypatch.setattr(datagen, "build_answer_corpus", lambda target, out, **kw: answers)
+    real, calls = train.train_on_sequences, []
+    monkeypatch.setattr(train, "train_on_sequences", lambda target, seqs, *a, **kw: calls.append(seqs) or real(target, seqs, *a, **kw))
+    args = ["train-drafter", "--steps", "3", "--batch-size", "4", "--num-layers", "1", "--draft-vocab", "32"]
+    assert cli.main(args + ["--out", str(tmp_path / "docs")]) == 0
+    assert cli.main(args + ["--out", str(tmp_path / "answers"), "--data", "answers"]) == 0
+    assert calls == [docs, answers]
+    for name, seqs in (("docs", docs), ("answers", answers)):
+        state = torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)
+        assert state["run"]["data"] == train.data_fingerprint(seqs) and state["step"] == 3
+        assert MTPDrafter.load(tmp_path / name / "head0").meta["steps"] == 3
+    assert "saved mtp to" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        cli.main(args + ["--out", str(tmp_path / "docs"), "--data", "answers"])
+    assert e.value.code == 2 and "belongs to another run: it was trained with data of 12 sequences" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_docs_sequences_are_blocks_of_whole_chats(bundled):
+    from mtplab.train import chat_sequences, docs_sequences, stdlib_texts
+
+    chats = chat_sequences(bundled, stdlib_texts(["json", "textwrap"]))
+    seqs = docs_sequences(bundled, modules=["json", "textwrap"], max_tokens=300, per_text=300, block_size=128)
+    # 300 tokens a text: two whole blocks each; blocks until 300 tokens: json's two, then textwrap's first
+    assert seqs == [(chats[0][:128], 0), (chats[0][128:256], 0), (chats[1][:128], 0)]
 
 
 # --- context attention (MTPHead(context_attention=True)) ---------------------------------------------------------
