@@ -59,7 +59,7 @@ class Controller:
         self.marks: dict = {}  # round index -> the setting the user changed before it
         self.error: Exception | None = None
         self.status = ""
-        self.sweep_gammas, self.sweep_points = GAMMAS, []  # the γs of the last sweep, and its points so far
+        self.sweep_points: list = []  # (γ, measured speedup) of the last sweep, so far
         self._drafters, self._subscribers, self._active = {}, [], []
         self._stream = None  # a run advanced round by round with step()
         self._streaming = False  # the current decoder is between its first and last round
@@ -294,7 +294,7 @@ class Controller:
         if self.running:
             return False
         self._stopping.clear()
-        self.sweep_gammas, self.sweep_points = tuple(gammas), []
+        self.sweep_points = []
         self._job = self._worker.submit(self._sweep_job, tuple(gammas))
         return True
 

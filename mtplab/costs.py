@@ -20,6 +20,7 @@ import time
 import torch
 
 from . import kernels
+from .theory import estimate_alpha
 from .models import Target, kernel_pass
 
 def pass_seconds(target: Target, refresh: bool = False, progress: bool = True, reps: int = 3) -> dict:
@@ -85,8 +86,6 @@ def draft_cost_from_rounds(rounds, verify_cost: dict) -> float:
 def cost_model(spec, plain) -> dict:
     """What theory needs, measured in a speculative trace and its plain baseline: α (the i.i.d. estimate), c
     (against the plain run's step) and the verify cost v of each γ the run used (verify seconds / plain step)."""
-    from .theory import estimate_alpha
-
     step = step_seconds(plain.rounds)
     by_k = {}
     for r in spec.rounds:
