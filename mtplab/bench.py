@@ -228,7 +228,8 @@ def greedy_acceptance(target, drafter, prompts=None, gammas=(4,), max_new_tokens
         hidden = None
         if drafter.uses_target_hidden:
             with torch.inference_mode():
-                hidden = forward(target.model, text, new_cache(target.model), hidden=True, logits=False)[1]
+                hidden = forward(target.model, text, new_cache(target.model), hidden=drafter.hidden_request,
+                                 logits=False)[1]
         runs.append((list(trace.prompt_ids), text, hidden))
     out = {}
     for gamma in gammas:

@@ -34,11 +34,12 @@ class TargetPasses:
     def __init__(self, model):
         self.model, self.cache = model, new_cache(model)
 
-    def prefill(self, ids: list, hidden: bool):
-        """Run the prompt (all but its newest token) into the cache; its last hidden states if asked."""
+    def prefill(self, ids: list, hidden):
+        """Run the prompt (all but its newest token) into the cache; its hidden states if asked (``hidden``: ``True``
+        for the last ones, or layer ids, as :attr:`mtplab.drafters.Drafter.hidden_request`)."""
         return forward(self.model, ids, self.cache, hidden=hidden, logits=False)[1]
 
-    def verify(self, inputs: list, hidden: bool, tree=None) -> tuple:
+    def verify(self, inputs: list, hidden, tree=None) -> tuple:
         """``(logits, hidden or None)``, one row per input (the pending token, then the draft or the tree's nodes)."""
         return forward(self.model, inputs, self.cache, hidden=hidden, tree=tree)
 
@@ -230,7 +231,7 @@ class SpeculativeDecoder:
 
     def _rounds(self, ids, max_new_tokens, gen, passes):
         target, drafter, trace = self.target, self.drafter, self.trace
-        hidden_needed = drafter is not None and drafter.uses_target_hidden
+        hidden_needed = drafter is not None and drafter.hidden_request
         t0 = time.perf_counter()
         hidden = None
         with torch.inference_mode():  # entered per step, never across a yield: a stream may resume in another thread
@@ -281,7 +282,7 @@ class SpeculativeDecoder:
         branches = [b[:k] for b in draft.branches if b] if draft is not None and draft.branches and cfg.greedy else []
         tree = build_tree([tokens] + branches) if tokens and branches else None
         logits, h = passes.verify([ids[-1]] + (tree.tokens if tree else tokens),
-                                  drafter is not None and drafter.uses_target_hidden, tree)
+                                  drafter is not None and drafter.hidden_request, tree)
         cache_before, branch = len(passes), 0
         if tree is not None:
             branch, _ = best_branch(tree, logits.argmax(-1).tolist())

@@ -218,7 +218,8 @@ def crop_cache(cache: DynamicCache, length: int) -> None:
 
 
 def forward(model, ids: list, cache: DynamicCache, hidden: bool = False, logits: bool = True, tree=None):
-    """Feed ``ids`` (appending to ``cache``); return ``(logits [n, V], last hidden states [n, H] or None)``.
+    """Feed ``ids`` (appending to ``cache``); return ``(logits [n, V], hidden states or None)``: ``hidden`` as in
+    :class:`last_hidden` (``True``: the last ones, ``[n, H]``; layer ids: those layers' inputs, ``[n, ids * H]``).
 
     ``tree`` (a :class:`mtplab.tree.TokenTree`): ``ids`` are the pending token and the tree's nodes, fed with the
     tree's positions and attention mask instead of as a chain."""
@@ -246,24 +247,48 @@ class last_hidden:
     """``with last_hidden(model) as got: out = model(..., **got.kwargs)``, then ``got.hidden(out)``: the last hidden
     states (after the final norm, what ``output_hidden_states`` gives as ``hidden_states[-1]``).
 
-    Read with a forward hook on the decoder's final norm, removed on exit, where the model has one: transformers'
-    own ``output_hidden_states`` installs hooks that stay on the model and make it unpicklable."""
+    ``wanted`` may instead be a list of layer ids: then ``got.hidden(out)`` is the hidden states entering those
+    decoder layers, concatenated on the last axis (id ``i`` is ``output_hidden_states``' ``hidden_states[i]``; the
+    number of layers means the last layer's output, before the final norm), as EAGLE-3 drafters read them.
 
-    def __init__(self, model, wanted: bool = True):
-        self.norm = getattr(model.get_decoder(), "norm", None) if wanted else None
+    Read with forward hooks (on the decoder's final norm, or before the chosen layers), removed on exit, where the
+    model has them: transformers' own ``output_hidden_states`` installs hooks that stay on the model and make it
+    unpicklable."""
+
+    def __init__(self, model, wanted=True):
+        decoder = model.get_decoder()
+        self.norm = getattr(decoder, "norm", None) if wanted else None
+        self.layers = list(wanted) if isinstance(wanted, (list, tuple)) else None
+        if self.layers is not None:
+            stack = [*decoder.layers, self.norm]
+            bad = [i for i in self.layers if not (isinstance(i, int) and 0 <= i < len(stack) and stack[i] is not None)]
+            if bad:
+                raise ValueError(f"hidden-state layer ids must be in [0, {len(decoder.layers)}] for this "
+                                 f"{len(decoder.layers)}-layer model, got {bad}")
+            self.modules = [stack[i] for i in self.layers]
         self.kwargs = {"output_hidden_states": True} if wanted and self.norm is None else {}
-        self.value, self.handle = None, None
+        self.value, self.handles = None, []
 
     def __enter__(self):
-        if self.norm is not None:
-            self.handle = self.norm.register_forward_hook(lambda module, args, output: setattr(self, "value", output))
+        if self.layers is not None:
+            self.value = [None] * len(self.layers)
+
+            def grab(slot):
+                def hook(module, args, kwargs):
+                    self.value[slot] = args[0] if args else kwargs["hidden_states"]
+                return hook
+            self.handles = [m.register_forward_pre_hook(grab(i), with_kwargs=True) for i, m in enumerate(self.modules)]
+        elif self.norm is not None:
+            self.handles = [self.norm.register_forward_hook(lambda module, args, output: setattr(self, "value", output))]
         return self
 
     def __exit__(self, *exc):
-        if self.handle is not None:
-            self.handle.remove()
+        for handle in self.handles:
+            handle.remove()
 
     def hidden(self, out):
+        if self.layers is not None:
+            return torch.cat(self.value, dim=-1)
         return self.value if self.norm is not None else out.hidden_states[-1]
 
 

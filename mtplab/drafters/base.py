@@ -29,6 +29,9 @@ class Draft:
 class Drafter:
     name = "drafter"
     uses_target_hidden = False
+    # with uses_target_hidden: None reads the last hidden state (after the final norm); a list of layer ids reads the
+    # hidden states entering those layers, concatenated (id = number of layers: the last layer's output), as EAGLE-3
+    hidden_layers = None
     needs_target_cache = False  # True for drafters whose ``observe`` reads the target's KV cache
 
     def bind(self, target) -> None:
@@ -48,8 +51,15 @@ class Drafter:
 
     def observe(self, target_hidden: torch.Tensor | None, target_cache) -> None:
         """After each target pass (the prompt's prefill, then every verify once rolled back): the target's last hidden
-        states of the positions that pass made final (``[m, H]``; ``None`` unless ``uses_target_hidden``) and the
+        states of the positions that pass made final (``[m, H]``, or ``[m, len(hidden_layers) * H]``; ``None``
+        unless ``uses_target_hidden``) and the
         target's KV cache, which holds every token but the newest. Most drafters ignore it."""
+
+    @property
+    def hidden_request(self):
+        """What the decoder asks the target's passes for: ``False`` (nothing), ``True`` (the last hidden states) or
+        the layer ids of :attr:`hidden_layers`."""
+        return (self.hidden_layers or True) if self.uses_target_hidden else False
 
     @property
     def cache_len(self) -> int:

@@ -138,6 +138,23 @@ class MTPHead(nn.Module):
         return self.norm_out(x)
 
 
+def restricted_lm_head(target, vocab_ids: torch.Tensor | None) -> torch.Tensor:
+    """The target's LM head restricted to the draft vocabulary (``None``: all of it), laid out for the few-row
+    product: ``[H, V']``, so that ``s @ W`` is one pass over W."""
+    head_w = target.model.get_output_embeddings().weight
+    w = head_w if vocab_ids is None else head_w[vocab_ids.to(head_w.device)]
+    return w.detach().t().contiguous()
+
+
+def full_vocab_logits(small: torch.Tensor, vocab_ids: torch.Tensor | None, vocab_size: int) -> torch.Tensor:
+    """Logits on the draft vocabulary spread over the full vocabulary, ``-inf`` elsewhere (q is zero there)."""
+    if vocab_ids is None:
+        return small
+    full = torch.full((*small.shape[:-1], vocab_size), float("-inf"), dtype=small.dtype, device=small.device)
+    full[..., vocab_ids.to(small.device)] = small
+    return full
+
+
 class MTPDrafter(Drafter):
     """Drafts k tokens from the target's last hidden state with an :class:`MTPHead`.
 
@@ -180,20 +197,12 @@ class MTPDrafter(Drafter):
                              f"target {target.name}'s vocabulary of {target.vocab_size}")
         self.target = target
         self.embed = target.model.get_input_embeddings()
-        head_w = target.model.get_output_embeddings().weight
-        # the (restricted) LM head, laid out for the few-row product: [H, V'] so that s @ W is one pass over W
-        w = head_w if self.vocab_ids is None else head_w[self.vocab_ids]
-        self._lm_head_t = w.detach().t().contiguous()
-        self.head.to(device=head_w.device, dtype=head_w.dtype)
+        self._lm_head_t = restricted_lm_head(target, self.vocab_ids)
+        self.head.to(device=self._lm_head_t.device, dtype=self._lm_head_t.dtype)
 
     def logits(self, s: torch.Tensor) -> torch.Tensor:
         """Draft logits over the full vocabulary (``-inf`` outside the draft vocabulary)."""
-        small = s @ self._lm_head_t
-        if self.vocab_ids is None:
-            return small
-        full = torch.full((*s.shape[:-1], self.target.vocab_size), float("-inf"), dtype=small.dtype, device=small.device)
-        full[..., self.vocab_ids] = small
-        return full
+        return full_vocab_logits(s @ self._lm_head_t, self.vocab_ids, self.target.vocab_size)
 
     # --- the context the attention block reads: the target's hidden states of every final position ------------
     def reset(self, prompt_ids, target_hidden=None) -> None:
@@ -299,6 +308,10 @@ class MTPDrafter(Drafter):
             raise ValueError(f"{path} is not an MTP drafter folder: it needs {CONFIG_NAME} and {WEIGHTS_NAME}")
         config = json.loads((path / CONFIG_NAME).read_text())
         tensors = load_file(path / WEIGHTS_NAME)
+        if config.get("kind") == "eagle3":  # the context-reading EAGLE-3 head keeps the same folder layout
+            from .eagle import Eagle3Drafter
+
+            return Eagle3Drafter.from_folder(path, config, tensors)
         vocab_ids = tensors.pop("vocab_ids", None)
         head = MTPHead(config["hidden_size"], config["num_layers"], config["intermediate_size"],
                        config.get("context_attention", False))
@@ -343,7 +356,11 @@ def load_drafter(name_or_path="mtp", target=None, context_ngram="saved", tree: d
     else:
         path = Path(name_or_path)
     drafter = MTPDrafter.load(path)
-    if context_ngram != "saved" or tree:
+    if not isinstance(drafter, MTPDrafter):  # an EAGLE-3 head: it drafts a chain, with no n-gram copy
+        if context_ngram not in ("saved", None) or tree:
+            raise ValueError(f"{path} holds an EAGLE-3 drafter, which drafts a chain without an n-gram copy: "
+                             f"context_ngram and tree do not apply (got {context_ngram!r}, {tree!r})")
+    elif context_ngram != "saved" or tree:
         name = drafter.name
         if context_ngram is None and name == "mtp":
             name = "mtp-head"
