@@ -105,8 +105,9 @@ def cmd_train_drafter(args) -> None:
     import time
 
     from .models import load_target
-    from .train import docs_sequences, train_on_sequences
+    from .train import docs_sequences, parse_heads, train_on_sequences
 
+    heads = parse_heads(args.heads)
     target = load_target(args.model)
     t0 = time.perf_counter()
     if args.data == "answers":  # the shipped drafter's recipe: the target's own answers (see scripts/make_mtp_drafter.py)
@@ -118,7 +119,7 @@ def cmd_train_drafter(args) -> None:
         seqs = docs_sequences(target, max_tokens=args.max_tokens, block_size=args.block_size)
     print(f"{len(seqs)} sequences, {sum(len(ids) - s for ids, s in seqs)} tokens to learn "
           f"({time.perf_counter() - t0:.0f} s)")
-    drafter = train_on_sequences(target, seqs, args.out, heads=((args.num_layers, None),),
+    drafter = train_on_sequences(target, seqs, args.out, heads=heads,
                                  draft_vocab_size=args.draft_vocab, unroll=args.unroll, steps=args.steps,
                                  batch_size=args.batch_size, lr=args.lr,
                                  time_budget=None if args.train_minutes is None else 60 * args.train_minutes)[0]
@@ -191,7 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-tokens", type=int, default=None, help="docs: cap on training tokens (default: all)")
     train.add_argument("--block-size", type=int, default=128, help="docs: tokens per training sequence")
     train.add_argument("--train-minutes", type=float, default=None, help="fit training into this time")
-    train.add_argument("--num-layers", type=int, default=2)
+    train.add_argument("--heads", default="2", help="the head: LAYERS[xINTERMEDIATE][+ctx] (an MTP head of that many "
+                       "SwiGLU blocks; +ctx: with context attention) or eagle3 (an EAGLE-3 head reading the target's "
+                       "low, middle and high layers); default 2")
     train.add_argument("--draft-vocab", type=int, default=8192, help="draft vocabulary: most frequent N tokens")
     train.add_argument("--unroll", type=int, default=4, help="steps ahead trained with the head's own fed-back state")
     train.add_argument("--steps", type=int, default=2000)

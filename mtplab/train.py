@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .drafters.eagle import Eagle3Drafter, Eagle3Head
 from .drafters.mtp import MTPDrafter, MTPHead
 from .models import chat_ids, last_hidden
 
@@ -155,10 +156,11 @@ def _pad_batch(batch, pad: int, device):
 
 
 @torch.no_grad()
-def _teacher(model, ids, mask, vocab_ids):
-    """The target's last hidden states, its next-token distribution restricted (and renormalised) to the draft
-    vocabulary, and its greedy next token (argmax over the whole vocabulary)."""
-    with last_hidden(model) as got:
+def _teacher(model, ids, mask, vocab_ids, hidden=True):
+    """The target's hidden states (``hidden``: ``True`` for the last ones, or layer ids, as the head reads them),
+    its next-token distribution restricted (and renormalised) to the draft vocabulary, and its greedy next token
+    (argmax over the whole vocabulary)."""
+    with last_hidden(model, hidden) as got:
         o = model(input_ids=ids, attention_mask=mask, **got.kwargs)
     p = torch.softmax(o.logits.float(), dim=-1)
     top = p.argmax(-1)
@@ -179,25 +181,38 @@ def _draft_head(target, vocab_ids):
     return lm_head_t, vocab_map
 
 
-def _sequence_loss(head, embed, lm_head_t, vocab_map, hidden, ids, answer, p, top, unroll, weights):
-    """Unrolled soft cross-entropy where the predicted token is one to learn (``answer``); step j predicts token
-    t+j+1 from the state fed back j-1 times and the true token t+j (as drafting does once the earlier drafts were
-    accepted). Also whether each step's greedy draft is the target's greedy token, and which seeds' whole drafts
-    lie in the tokens to learn."""
+def _draft_states(head, embed, hidden, ids, unroll):
+    """The head's output state (what the LM head reads) at draft steps 1..``unroll`` from every seed position
+    ``t < n = length - unroll``: step j reads the true token t+j (as drafting does once the earlier drafts were
+    accepted) and the state fed back from step j-1. An MTP head starts from the target's last hidden state at t; an
+    EAGLE-3 head from its fused features, attending to every earlier position (training-time test)."""
     n = ids.shape[1] - unroll
-    s = hidden[:, :n]
+    if isinstance(head, Eagle3Head):
+        return [head.norm(s) for s in head.unrolled(hidden[:, :n], [embed(ids[:, j:n + j]) for j in range(1, unroll + 1)],
+                                                    unroll)]
+    s, states = hidden[:, :n], []
     if head.attn is not None:  # memory: every position j, value from the token after it; seed t sees j <= t
         L = ids.shape[1] - 1
         K, V = head.attn.memory(hidden[:, :L], embed(ids[:, :L]), embed(ids[:, 1:]))
         seed, pos = torch.arange(n, device=ids.device)[:, None], torch.arange(L, device=ids.device)[None, :]
         seen, distance = pos <= seed, (seed - pos).clamp_min(0).to(hidden.dtype)
-    losses, matches, masks = [], [], []
     for j in range(1, unroll + 1):
         context = None
         if head.attn is not None:
             match = (ids[:, j:n + j, None] == ids[:, None, :L]).to(hidden.dtype)
             context = (K, V, match, distance, seen)
         s = head(s, embed(ids[:, j:n + j]), context)
+        states.append(s)
+    return states
+
+
+def _sequence_loss(head, embed, lm_head_t, vocab_map, hidden, ids, answer, p, top, unroll, weights):
+    """Unrolled soft cross-entropy where the predicted token is one to learn (``answer``): step j's state
+    (:func:`_draft_states`) predicts token t+j+1. Also whether each step's greedy draft is the target's greedy token,
+    and which seeds' whole drafts lie in the tokens to learn."""
+    n = ids.shape[1] - unroll
+    losses, matches, masks = [], [], []
+    for j, s in enumerate(_draft_states(head, embed, hidden, ids, unroll), start=1):
         logq = torch.log_softmax(s @ lm_head_t, dim=-1)
         m = answer[:, j + 1: j + 1 + n]
         m = torch.nn.functional.pad(m, (0, n - m.shape[1]))
@@ -209,12 +224,50 @@ def _sequence_loss(head, embed, lm_head_t, vocab_map, hidden, ids, answer, p, to
     return loss, torch.stack(matches), masks[0] & masks[-1]
 
 
+def make_head(spec, target):
+    """A fresh head from its spec: ``(num_layers, intermediate_size[, context_attention])`` for an :class:`MTPHead`;
+    ``"eagle3"`` or ``dict(kind="eagle3", target_layers=..., intermediate_size=...)`` for an :class:`Eagle3Head`
+    (default layers: low / middle / high, as EAGLE-3)."""
+    if spec == "eagle3" or (isinstance(spec, dict) and spec.get("kind") == "eagle3"):
+        options = {k: v for k, v in (spec.items() if isinstance(spec, dict) else ()) if k != "kind"}
+        unknown = set(options) - {"target_layers", "intermediate_size"}
+        if unknown:
+            raise ValueError(f"an eagle3 head spec takes target_layers and intermediate_size, not {sorted(unknown)}")
+        return Eagle3Head.for_target(target.model.config, **options)
+    if isinstance(spec, (tuple, list)) and 1 <= len(spec) <= 3:
+        return MTPHead(target.model.get_input_embeddings().weight.shape[1], *spec)
+    raise ValueError(f"a head spec is (num_layers, intermediate_size[, context_attention]) for an MTP head or "
+                     f"'eagle3' / dict(kind='eagle3', ...) for an EAGLE-3 head, got {spec!r}")
+
+
+def parse_heads(text: str) -> list:
+    """Head specs for :func:`make_head` from the command line: comma-separated ``LAYERS[xINTERMEDIATE][+ctx]`` (an MTP
+    head; ``+ctx``: with context attention) or ``eagle3`` (an EAGLE-3 head), e.g. ``"2x1536,3x1280+ctx"``."""
+    specs = []
+    for part in text.split(","):
+        part = part.strip()
+        if part == "eagle3":
+            specs.append("eagle3")
+            continue
+        body = part.removesuffix("+ctx")
+        layers, x, inner = body.partition("x")
+        if not layers.isdigit() or int(layers) < 1 or (x and not inner.isdigit()):
+            raise ValueError(f"a head is LAYERS[xINTERMEDIATE][+ctx] (e.g. 2x1536) or eagle3, got {part!r}")
+        specs.append((int(layers), int(inner) if inner else None, part.endswith("+ctx")))
+    return specs
+
+
+def _drafter(head, vocab_ids):
+    return Eagle3Drafter(head, vocab_ids) if isinstance(head, Eagle3Head) else MTPDrafter(head, vocab_ids)
+
+
 def _describe(key, value) -> str:
     if key == "target":
         return f"target {value['name']} (hidden size {value['hidden_size']}, vocabulary {value['vocab_size']})"
     if key == "heads":
-        return "heads " + ",".join(f"{h['num_layers']}x{h['intermediate_size']}" + "+ctx" * h["context_attention"]
-                                   for h in value)
+        return "heads " + ",".join(
+            f"eagle3(layers {h['target_layers']}, mlp {h['intermediate_size']})" if h.get("kind") == "eagle3"
+            else f"{h['num_layers']}x{h['intermediate_size']}" + "+ctx" * h["context_attention"] for h in value)
     if key == "data":
         return (f"data of {value['sequences']} sequences, {value['tokens']} tokens, {value['answer_tokens']} trained on "
                 f"(sha256 {value['sha256'][:12]})")
@@ -243,8 +296,9 @@ def train_on_sequences(target, sequences, out_dir, *, heads=((2, None),), draft_
     """Train one or more MTP heads on ``sequences`` (``(ids, answer_start)`` pairs: the loss covers the tokens from
     ``answer_start`` on), running the target over each batch for its hidden states and distributions.
 
-    ``heads``: ``(num_layers, intermediate_size[, context_attention])`` per head (see :class:`MTPHead`); all see the
-    same batches (one target pass). ``draft_vocab_size``: the draft vocabulary (:func:`draft_vocabulary` of the
+    ``heads``: one spec per head (:func:`make_head`: ``(num_layers, intermediate_size[, context_attention])`` for an
+    :class:`MTPHead`, ``"eagle3"`` for an :class:`~mtplab.drafters.eagle.Eagle3Head`); all see the same batches (one
+    target pass), so they must read the same hidden states. ``draft_vocab_size``: the draft vocabulary (:func:`draft_vocabulary` of the
     training split; ``None``: the whole vocabulary). ``unroll``: steps ahead trained with the head's own fed-back
     state. ``val_size`` sequences (at most a tenth) are held out, chosen by ``seed``; every ``log_every`` steps their
     loss and greedy acceptance per position (:func:`conditional_acceptance`, :func:`vllm_acceptance`) go to the
@@ -276,7 +330,12 @@ def train_on_sequences(target, sequences, out_dir, *, heads=((2, None),), draft_
     vocab_ids = draft_vocabulary([sequences[i] for i in train], draft_vocab_size)
     hidden_size = model.get_input_embeddings().weight.shape[1]
     torch.manual_seed(seed)
-    nets = [MTPHead(hidden_size, *spec).to(device) for spec in heads]
+    nets = [make_head(spec, target).to(device) for spec in heads]
+    reads = {tuple(h.target_layers) if isinstance(h, Eagle3Head) else "last" for h in nets}
+    if len(reads) > 1:  # one target pass per batch serves every head: they must read the same hidden states
+        raise ValueError(f"heads trained side by side must read the same target hidden states, got {heads!r}: train "
+                         "MTP heads and EAGLE-3 heads (or EAGLE-3 heads over other layers) in separate runs")
+    hidden_request = True if reads == {"last"} else list(next(iter(reads)))
     opts = [torch.optim.AdamW(h.parameters(), lr=lr, weight_decay=0.0) for h in nets]
     run = dict(target=dict(name=target.name, hidden_size=hidden_size, vocab_size=target.vocab_size),
                heads=[dict(h.config) for h in nets], draft_vocab_size=draft_vocab_size, unroll=unroll,
@@ -312,11 +371,12 @@ def train_on_sequences(target, sequences, out_dir, *, heads=((2, None),), draft_
         """Token ids, answer mask and the target's (hidden, p, top) for the sequences ``idx``, padded alike."""
         ids, mask, answer = _pad_batch([sequences[i] for i in idx], pad, device)
         if cache is None:
-            return (ids, answer, *_teacher(model, ids, mask, v_ids))
+            return (ids, answer, *_teacher(model, ids, mask, v_ids, hidden_request))
         new = [i for i in dict.fromkeys(idx) if i not in cache]
         if new:
             new_ids, new_mask, _ = _pad_batch([sequences[i] for i in new], pad, device)
-            for i, n, *rows in zip(new, new_mask.sum(1).tolist(), *_teacher(model, new_ids, new_mask, v_ids)):
+            for i, n, *rows in zip(new, new_mask.sum(1).tolist(),
+                                   *_teacher(model, new_ids, new_mask, v_ids, hidden_request)):
                 cache[i] = [r[:n] for r in rows]
         padded = (torch.nn.utils.rnn.pad_sequence([cache[i][k] for i in idx], batch_first=True) for k in range(3))
         return (ids, answer, *padded)
@@ -346,7 +406,7 @@ def train_on_sequences(target, sequences, out_dir, *, heads=((2, None),), draft_
     def export():
         drafters = []
         for k, h in enumerate(nets):
-            d = MTPDrafter(h, vocab_ids)
+            d = _drafter(h, vocab_ids)
             d.history = [r for r in history if r["head"] == k]
             d.save(out_dir / f"head{k}", dtype=torch.float16, target=target.name, unroll=unroll, steps=earlier + step,
                    sequences=len(train), history=d.history)

@@ -27,7 +27,7 @@ import torch
 
 import mtplab
 from mtplab import datagen
-from mtplab.train import train_on_sequences
+from mtplab.train import parse_heads, train_on_sequences
 
 ap = argparse.ArgumentParser()
 ap.add_argument("out")
@@ -37,7 +37,8 @@ ap.add_argument("--train-minutes", type=float, default=10.0)
 ap.add_argument("--batch-size", type=int, default=512, help="sequences decoded at once")
 ap.add_argument("--max-new-tokens", type=int, default=256)
 ap.add_argument("--limit", type=int, default=None, help="use only the first N stage-A prompts (smoke tests)")
-ap.add_argument("--heads", default="2x1536", help="heads to train side by side: LAYERSxINTERMEDIATE[+ctx],... (+ctx: with context attention)")
+ap.add_argument("--heads", default="2x1536", help="heads to train side by side: LAYERSxINTERMEDIATE[+ctx],... (+ctx: with context "
+                "attention) or eagle3 (an EAGLE-3 head; not beside MTP heads)")
 ap.add_argument("--train-batch", type=int, default=32)
 ap.add_argument("--steps", type=int, default=20000)
 ap.add_argument("--draft-vocab", type=int, default=8192)
@@ -70,7 +71,7 @@ for name in ("a_greedy", "b_greedy", "a_t07"):  # the token data as plain arrays
 
 if args.device.startswith("cuda"):
     torch.backends.cuda.matmul.allow_tf32 = True  # the teacher's features: TF32 is plenty, 3-4x faster than fp32
-heads = [tuple(int(x) for x in h.removesuffix("+ctx").split("x")) + (h.endswith("+ctx"),) for h in args.heads.split(",")]
+heads = parse_heads(args.heads)
 train_on_sequences(target, sequences, out / "train", heads=heads, draft_vocab_size=args.draft_vocab,
                    steps=args.steps, batch_size=args.train_batch, lr=args.lr, time_budget=60 * args.train_minutes, restart=args.restart,
                    log_every=200, checkpoint_every=200, log=log, progress=False)

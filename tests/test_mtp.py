@@ -400,7 +400,7 @@ def test_both_kinds_of_data_train_through_the_one_trainer(tmp_path, monkeypatch,
     monkeypatch.setattr(datagen, "build_answer_corpus", lambda target, out, **kw: answers)
     real, calls = train.train_on_sequences, []
     monkeypatch.setattr(train, "train_on_sequences", lambda target, seqs, *a, **kw: calls.append(seqs) or real(target, seqs, *a, **kw))
-    args = ["train-drafter", "--steps", "3", "--batch-size", "4", "--num-layers", "1", "--draft-vocab", "32"]
+    args = ["train-drafter", "--steps", "3", "--batch-size", "4", "--heads", "1", "--draft-vocab", "32"]
     assert cli.main(args + ["--out", str(tmp_path / "docs")]) == 0
     assert cli.main(args + ["--out", str(tmp_path / "answers"), "--data", "answers"]) == 0
     assert calls == [docs, answers]

@@ -1,0 +1,282 @@
+"""The EAGLE-3 drafter (mtplab.drafters.eagle) on tiny random targets: the hidden states it reads, exactness (greedy
+and sampled), its own KV cache (drafting with it equals the training-time-test forward; rolled back it equals a fresh
+prefill), save/load, training through the one trainer (loss, resume, refusals), and checks of bad input."""
+import pytest
+import torch
+
+import mtplab
+from mtplab import SpeculativeDecoder, sampling
+from mtplab.drafters.eagle import Eagle3Drafter, Eagle3Head, default_target_layers
+from mtplab.drafters.mtp import MTPDrafter
+from mtplab.models import forward, new_cache
+from mtplab.sampling import SamplingConfig
+from mtplab.train import train_on_sequences
+
+from conftest import tiny
+from test_distribution import CONFIGS, CTX, V, dist, first_token_dist, target_joint, two_token_dist
+from test_mtp import PROMPT, QUIET, sampled_sequences
+
+
+def random_eagle(target, seed=0, vocab_ids=None):
+    torch.manual_seed(seed)
+    head = Eagle3Head.for_target(target.model.config)
+    for p in head.parameters():  # a random head with peaky, varied outputs
+        torch.nn.init.normal_(p, std=0.3)
+    return Eagle3Drafter(head, vocab_ids)
+
+
+def features(target, drafter, ids):
+    """The target's hidden states at the drafter's layers for every position of ``ids``, from one full forward."""
+    with torch.inference_mode():
+        return forward(target.model, ids, new_cache(target.model), hidden=drafter.hidden_layers, logits=False)[1]
+
+
+def test_hidden_layers_are_the_inputs_of_those_layers():
+    target = tiny(num_layers=4)
+    with torch.inference_mode():
+        ref = target.model(torch.tensor([PROMPT]), output_hidden_states=True).hidden_states
+        got = forward(target.model, PROMPT, new_cache(target.model), hidden=[0, 1, 3], logits=False)[1]
+        last = forward(target.model, PROMPT, new_cache(target.model), hidden=[4], logits=False)[1]
+    assert torch.equal(got, torch.cat([ref[0][0], ref[1][0], ref[3][0]], -1))
+    norm = target.model.model.norm  # id 4 = the last layer's output before the final norm (transformers' [4] is after)
+    assert torch.allclose(norm(last), ref[4][0], atol=1e-6) and not torch.allclose(last, ref[4][0])
+    with pytest.raises(ValueError, match=r"layer ids must be in \[0, 4\] .* got \[5\]"):
+        forward(target.model, PROMPT, new_cache(target.model), hidden=[1, 5])
+    assert default_target_layers(30) == [2, 15, 27] and default_target_layers(4) == [1, 2, 3]
+    with pytest.raises(ValueError, match=r"target_layers must be distinct layer ids in \[0, 4\]"):
+        Eagle3Head.for_target(target.model.config, target_layers=[1, 1, 2])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """An EAGLE-3 head trained for a few seconds on the tiny target's own text: it gets drafts accepted."""
+    target = tiny(vocab_size=64, seed=0)
+    plain, gen = SpeculativeDecoder(target, None, record=False), torch.Generator().manual_seed(0)
+    prompts = [torch.randint(64, (6,), generator=gen).tolist() for _ in range(40)]
+    seqs = [(p + plain.generate(p, 40).token_ids, 6) for p in prompts]  # the target's greedy text: learnable
+    out = tmp_path_factory.mktemp("eagle")
+    drafter = train_on_sequences(target, seqs, out, heads=["eagle3"], draft_vocab_size=48, steps=90, batch_size=8,
+                                 lr=3e-3, val_size=6, log_every=30, checkpoint_every=30, **QUIET)[0]
+    return target, seqs, out, drafter
+
+
+def test_training_lowers_the_loss_and_raises_acceptance(trained):
+    _, _, _, drafter = trained
+    first, last = drafter.history[0], drafter.history[-1]
+    assert [h["step"] for h in drafter.history] == [30, 60, 90]
+    assert last["val_loss"] < first["val_loss"] - 0.1, (first, last)
+    assert last["conditional_acceptance"][0] > first["conditional_acceptance"][0] + 0.05
+    assert last["conditional_acceptance"][0] > 0.2 and len(last["vllm_acceptance"]) == 4
+    assert len(drafter.vocab_ids) == 48
+
+
+@pytest.mark.parametrize("gamma", [1, 3, 7])
+def test_greedy_eagle_equals_plain_and_generate(trained, gamma):
+    target, seqs, _, drafter = trained
+    for prompt in (PROMPT, seqs[0][0][:12]):
+        want = SpeculativeDecoder(target, None).generate(prompt, 40).token_ids
+        with torch.inference_mode():
+            hf = target.model.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False)[0, len(prompt):]
+        trace = SpeculativeDecoder(target, drafter, num_draft_tokens=gamma, schedule="constant").generate(prompt, 40)
+        assert trace.token_ids == want == hf.tolist()
+        assert all(r.draft_start_position == r.context_len - 2 for r in trace.rounds if r.num_drafted)
+        assert set(t for r in trace.rounds for t in r.draft_ids) <= set(drafter.vocab_ids.tolist())
+    assert trace.metrics.accepted > 0  # the comparison means something: drafts were accepted
+
+
+def test_drafting_with_the_cache_equals_the_training_time_test():
+    """Drafting step by step with the drafter's KV cache computes exactly what the training forward computes at
+    every position at once (step s at position t: real rows <= t, then its own rows of steps 1..s)."""
+    target = tiny(num_layers=4)
+    drafter = random_eagle(target)
+    drafter.bind(target)
+    head, ids, steps = drafter.head, PROMPT + [7, 8, 9, 10], 3
+    n = len(ids) - steps
+    aux = features(target, drafter, ids)
+    with torch.inference_mode():
+        embeds = [drafter.embed(torch.tensor(ids[1 + s: 1 + s + n]))[None] for s in range(steps)]
+        whole = head.unrolled(aux[None, :n], embeds, steps)
+        for t in (2, n - 1):  # seeds in the middle and at the end
+            g, cache = head.step(embeds[0][0, :t + 1], head.fc(aux[:t + 1]), torch.arange(t + 1))
+            torch.testing.assert_close(g, whole[0][0, :t + 1], rtol=0, atol=1e-5)
+            g = g[-1:]
+            for s in range(1, steps):
+                g, cache = head.step(drafter.embed(torch.tensor([ids[t + 1 + s]])), g, torch.tensor([t + s]), cache)
+                torch.testing.assert_close(g[0], whole[s][0, t], rtol=0, atol=1e-5)
+
+
+def test_the_cache_rolled_back_equals_a_fresh_prefill(trained):
+    """After a decode (drafts added to its cache, then dropped at every rollback) the drafter's cache and its next
+    draft equal those of a fresh drafter that reads the same text in one pass."""
+    target, seqs, _, drafter = trained
+    dec = SpeculativeDecoder(target, drafter, num_draft_tokens=4, schedule="constant")
+    trace = dec.generate(PROMPT, 30)
+    ids = PROMPT + trace.token_ids
+    assert any(r.num_accepted < r.num_drafted for r in trace.rounds)  # rollbacks happened
+    fresh = Eagle3Drafter(drafter.head, drafter.vocab_ids)
+    fresh.bind(target)
+    fresh.reset(ids)
+    fresh.observe(features(target, fresh, ids[:-1]), None)
+    with torch.inference_mode():
+        used = drafter.propose(ids, 3, SamplingConfig(), torch.Generator())
+        new = fresh.propose(ids, 3, SamplingConfig(), torch.Generator())
+    assert used.tokens == new.tokens and used.start_position == new.start_position == len(ids) - 2
+    assert drafter.cache_len == fresh.cache_len == len(ids) - 1 + 2  # every position, then the 2 draft steps' rows
+    for a, b in zip(drafter._cache, fresh._cache):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    drafter.rollback(len(ids))
+    assert drafter.cache_len == len(ids) - 1
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=str)
+def test_exact_distribution_eagle(cfg):
+    target = tiny(vocab_size=V)
+    drafter = random_eagle(target, vocab_ids=[0, 1, 2, 3, 5])  # a restricted draft vocabulary: q = 0 elsewhere
+    drafter.bind(target)
+
+    def seeded(ctx):  # the drafter as the decoder leaves it before drafting at ctx
+        drafter.reset(ctx)
+        drafter.observe(features(target, drafter, ctx[:-1]), None)
+
+    def q_first(ctx):
+        seeded(ctx)
+        with torch.inference_mode():
+            return drafter.propose(ctx, 1, cfg, torch.Generator()).q[0].double()
+
+    def q_next(ctx, x1):
+        seeded(ctx)
+        with torch.inference_mode():
+            drafter.propose(ctx, 1, cfg, torch.Generator())
+            g, _ = drafter.head.step(drafter.embed(torch.tensor([x1])), drafter._g, torch.tensor([len(ctx) - 1]),
+                                     drafter._cache)
+            return sampling.probs(drafter.logits(g)[0], cfg).double()
+
+    for seed in range(4):  # the drafter's own q rows are the ones the enumeration assumes
+        seeded(CTX)
+        with torch.inference_mode():
+            d = drafter.propose(CTX, 2, cfg, torch.Generator().manual_seed(seed))
+        assert torch.allclose(d.q[0].double(), q_first(CTX), atol=1e-6)
+        assert torch.allclose(d.q[1].double(), q_next(CTX, d.tokens[0]), atol=1e-6)
+        assert q_first(CTX)[4] == 0  # outside the draft vocabulary
+    assert torch.allclose(first_token_dist(target, q_first, CTX, cfg), dist(target, CTX, cfg), atol=1e-9)
+    assert torch.allclose(two_token_dist(target, q_first, CTX, cfg, q_next), target_joint(target, CTX, cfg), atol=1e-9)
+
+
+def test_chi_square_eagle_on_real_decoder():
+    from scipy.stats import chisquare
+
+    target = tiny(vocab_size=V)
+    dec = SpeculativeDecoder(target, random_eagle(target), num_draft_tokens=3, schedule="constant", temperature=1.0,
+                             top_k=6, record=False)
+    n, counts = 800, torch.zeros(V * V)
+    for seed in range(n):
+        y = dec.generate(CTX, max_new_tokens=2, seed=seed).token_ids
+        counts[y[0] * V + y[1]] += 1
+    expected = target_joint(target, CTX, SamplingConfig(1.0, top_k=6)).flatten() * n
+    keep = expected >= 5
+    obs = torch.cat([counts[keep], counts[~keep].sum()[None]]).numpy()
+    exp = torch.cat([expected[keep], expected[~keep].sum()[None]]).numpy()
+    assert chisquare(obs, exp * obs.sum() / exp.sum()).pvalue > 1e-3
+
+
+def test_save_and_load_give_identical_drafts(trained, tmp_path):
+    target, _, out, drafter = trained
+    back = mtplab.load_drafter(out / "head0", target)  # the trainer's float16 export
+    assert isinstance(back, Eagle3Drafter) and back.meta["steps"] == 90 and back.meta["kind"] == "eagle3"
+    assert torch.equal(back.vocab_ids, drafter.vocab_ids) and back.head.target_layers == drafter.head.target_layers
+    run = lambda d, **kw: SpeculativeDecoder(target, d, num_draft_tokens=4, schedule="constant", **kw)
+    assert run(back).generate(PROMPT, 20).token_ids == run(drafter).generate(PROMPT, 20).token_ids
+    full = MTPDrafter.load(drafter.save(tmp_path / "fp32"))  # full precision: the very same drafts, sampled too
+    a, b = run(drafter, temperature=0.8).generate(PROMPT, 30, seed=2), run(full, temperature=0.8).generate(PROMPT, 30, seed=2)
+    assert [r.draft_ids for r in a.rounds] == [r.draft_ids for r in b.rounds] and a.token_ids == b.token_ids
+    with pytest.raises(ValueError, match="EAGLE-3 drafter, which drafts a chain .* context_ngram and tree do not apply"):
+        mtplab.load_drafter(out / "head0", target, context_ngram=2)
+
+
+def test_bad_targets_and_states_are_refused(trained):
+    target, _, out, drafter = trained
+    back = lambda: mtplab.load_drafter(out / "head0")
+    with pytest.raises(ValueError, match="made for hidden size 32 and a vocabulary of 64, but the target .* hidden "
+                                         "size 48 and a vocabulary of 64"):
+        SpeculativeDecoder(mtplab.tiny_random_target(vocab_size=64, hidden_size=48), back())
+    with pytest.raises(ValueError, match="hidden size 32 and a vocabulary of 80"):
+        SpeculativeDecoder(mtplab.tiny_random_target(vocab_size=80), back())
+    deep = Eagle3Drafter(Eagle3Head.for_target(tiny(num_layers=4).model.config))  # reads layer 3 of a 2-layer target
+    with pytest.raises(ValueError, match=r"reads target layers \[1, 2, 3\], but the target .* has 2 layers"):
+        SpeculativeDecoder(target, deep)
+    drafter.bind(target)
+    drafter.reset(PROMPT)
+    with pytest.raises(ValueError, match="needs the target's hidden states of all 8 earlier positions .* it has 0"):
+        drafter.propose(PROMPT, 2, SamplingConfig(), torch.Generator())
+
+
+def test_the_trainer_refuses_mixed_heads_and_other_runs(trained, tmp_path):
+    target, seqs, out, _ = trained
+    with pytest.raises(ValueError, match="must read the same target hidden states"):
+        train_on_sequences(target, seqs, tmp_path, heads=["eagle3", (1, 32)], steps=1, **QUIET)
+    with pytest.raises(ValueError, match=r"trained with heads eagle3\(layers \[1, 2\], mlp 64\), not heads 1x32"):
+        train_on_sequences(target, seqs, out, heads=[(1, 32)], draft_vocab_size=48, val_size=6, steps=91, **QUIET)
+    with pytest.raises(ValueError, match="an eagle3 head spec takes target_layers and intermediate_size"):
+        train_on_sequences(target, seqs, tmp_path, heads=[dict(kind="eagle3", layers=3)], **QUIET)
+
+
+def test_an_interrupted_eagle_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    import mtplab.train as train
+
+    run = dict(heads=["eagle3"], draft_vocab_size=40, steps=8, batch_size=4, val_size=2, log_every=4,
+               checkpoint_every=4, progress=False, log=lambda *_: None)
+    target = tiny(vocab_size=64, seed=0)
+    seqs = sampled_sequences(target, 20, 20)
+    whole = train_on_sequences(target, seqs, tmp_path / "whole", **run)[0]
+    real, calls = train._teacher, []
+
+    def cut_off(*args):  # target passes: 4 training steps, 1 validation, then step 5's
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(train, "_teacher", cut_off)
+    with pytest.raises(KeyboardInterrupt):
+        train_on_sequences(target, seqs, tmp_path / "cut", **run)
+    monkeypatch.setattr(train, "_teacher", real)
+    again = train_on_sequences(target, seqs, tmp_path / "cut", **run)[0]
+    for a, b in zip(whole.head.state_dict().values(), again.head.state_dict().values()):
+        assert torch.equal(a, b)  # the same batches, schedule and optimizer state: the same weights
+
+
+@pytest.mark.slow
+def test_greedy_eagle_equals_plain_on_the_bundled_target(bundled):
+    """A fresh EAGLE-3 head over layers 2, 15 and 27 of the bundled 30-layer target: whatever it drafts, the output
+    is the target's greedy text (plain decoding and transformers' generate)."""
+    drafter = random_eagle(bundled, vocab_ids=torch.arange(0, 8192))
+    assert drafter.hidden_layers == [2, 15, 27]
+    prompt = "Explain what a hash map is, in two sentences."
+    plain = SpeculativeDecoder(bundled, None).generate(prompt, 24)
+    ids = plain.prompt_ids
+    with torch.inference_mode():
+        hf = bundled.model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
+    for gamma in (1, 3, 7):
+        trace = SpeculativeDecoder(bundled, drafter, num_draft_tokens=gamma, schedule="constant").generate(prompt, 24)
+        assert trace.token_ids == plain.token_ids == hf[:len(trace.token_ids)]
+
+
+def test_heads_from_the_command_line(tmp_path, monkeypatch, capsys):
+    from mtplab import cli, models, train
+
+    assert train.parse_heads("2x1536, 3x1280+ctx,eagle3,1") == [(2, 1536, False), (3, 1280, True), "eagle3",
+                                                                  (1, None, False)]
+    for bad in ("eagle", "2x", "0", "x12", "2x12+tree"):
+        with pytest.raises(ValueError, match="a head is LAYERS"):
+            train.parse_heads(bad)
+    target = tiny(vocab_size=64, seed=0)
+    seqs = [(ids, 0) for ids, _ in sampled_sequences(target, 12, 20)]
+    monkeypatch.setattr(models, "load_target", lambda name: target)
+    monkeypatch.setattr(train, "docs_sequences", lambda target, max_tokens, block_size: seqs)
+    args = ["train-drafter", "--steps", "2", "--batch-size", "4", "--heads", "eagle3", "--draft-vocab", "32",
+            "--out", str(tmp_path)]
+    assert cli.main(args) == 0 and "saved eagle3 to" in capsys.readouterr().out
+    assert isinstance(mtplab.load_drafter(tmp_path / "head0"), Eagle3Drafter)
+    with pytest.raises(SystemExit) as e:
+        cli.main(args[:-2] + ["--heads", "2x", "--out", str(tmp_path / "x")])
+    assert e.value.code == 2 and "a head is LAYERS" in capsys.readouterr().err
