@@ -1,4 +1,5 @@
 """Every notebook runs top to bottom, offline, on the bundled model."""
+import json
 from pathlib import Path
 
 import nbformat
@@ -23,3 +24,6 @@ def test_notebook_executes(path):
     assert "✗" not in text  # a notebook's own check of exactness failed (e.g. 02: the round by hand vs mtplab's)
     if path.name.startswith("02_"):
         assert "identical to the round by hand ✓" in text and "after rollback" in text
+        figures = [json.dumps(o["data"]) for o in outputs if "application/vnd.plotly.v1+json" in o.get("data", {})]
+        exactness = [f for f in figures if "resampled: rejected mass" in f and "emitted share" in f]
+        assert len(exactness) == 2, "the exactness pictures (the draft model, then a deliberately bad drafter)"
