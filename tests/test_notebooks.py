@@ -27,3 +27,5 @@ def test_notebook_executes(path):
         figures = [json.dumps(o["data"]) for o in outputs if "application/vnd.plotly.v1+json" in o.get("data", {})]
         exactness = [f for f in figures if "resampled: rejected mass" in f and "emitted share" in f]
         assert len(exactness) == 2, "the exactness pictures (the draft model, then a deliberately bad drafter)"
+        shown = "".join(o["data"].get("text/html", "") for o in outputs if o.get("data"))
+        assert "mtplab-cache-view" in shown and "after rollback" in shown  # the KV-cache rows of mtplab's round

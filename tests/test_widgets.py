@@ -176,3 +176,22 @@ def test_saved_trace_renders_static_html(tmp_path, bundled):
     assert page.count('class="tok tok-') == sum(len(r.token_events()) for r in trace.rounds) + 5  # + legend
     assert "mean acceptance length" in page and "<script" not in page
     assert page.count("<svg") == 2 and page.count("<rect") >= len(trace.rounds)  # acceptance + time charts
+
+
+def test_the_cache_view_draws_the_rows_a_round_added_and_dropped():
+    from mtplab.widgets.inspector import cache_view
+    from conftest import made_up_traces
+
+    spec, _ = made_up_traces()
+    rnd = spec.rounds[1]  # context 6, two drafts, the second rejected
+    rnd.target_cache_before, rnd.target_cache_len, rnd.drafter_cache_len = 8, 7, 0
+    html_ = cache_view(rnd)
+    assert "5 rows before the round; the verify pass added 3 (the pending token + 2 drafted); the rollback dropped 1 " \
+           "and kept 2" in html_
+    verify, rollback = html_.split("after verify: 8")[1].split("after rollback: 7")
+    assert verify.count("mtplab-cache-kept") == 2 and verify.count("mtplab-cache-dropped") == 1
+    assert "line-through;\">&#x27;d13&#x27;" in verify  # the rejected draft's row, struck out
+    assert rollback.count("mtplab-cache-kept") == 2 and "mtplab-cache-dropped" not in rollback
+    assert "next pending token (not cached yet): <code>&#x27;t1&#x27;</code>" in html_
+    long = cache_view(rnd, show=2)  # only the last rows are drawn, the rest counted
+    assert "+1</span>" in long.split("after rollback")[0]

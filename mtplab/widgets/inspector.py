@@ -3,7 +3,8 @@
 For rounds drafted by an MTP drafter (``round.draft_start_position`` is set) it adds an MTP view: which target
 position's hidden state seeded the draft, and the run's acceptance by draft position so far — how quickly the head's
 guesses fade as it feeds its own state back, step after step. Under the costs, rounds verified as a token tree
-(``mtplab.tree``, any drafter) list their branches and the one the target followed.
+(``mtplab.tree``, any drafter) list their branches and the one the target followed, and the target's KV cache rows
+are drawn after the verify pass and after the rollback (:func:`cache_view`).
 """
 from __future__ import annotations
 
@@ -51,6 +52,45 @@ def costs(rnd) -> str:
             f"after rollback (−{rnd.target_cache_before - rnd.target_cache_len}) · drafter cache "
             f"{rnd.drafter_cache_len}"
             + ("" if rnd.draft_start_position is None else f" · drafted from target position {rnd.draft_start_position}"))
+
+
+def cache_view(rnd, show: int = 12) -> str:
+    """HTML: the target's KV cache rows around one round, from the Round's recorded lengths. Before the round the
+    cache holds every token but the pending one; the verify pass appends a row for the pending token and for each
+    drafted token (or tree node); the rollback keeps the pending row and the accepted drafts' rows and drops the
+    rest. The target's own token is the next pending one, outside the cache. At most ``show`` rows are drawn."""
+    esc = html.escape
+    earlier = rnd.context_len - 1
+    added, kept = rnd.target_cache_before - earlier, rnd.target_cache_len - earlier
+    texts = [repr(t) for t in rnd.draft_text] if rnd.draft_text else [str(t) for t in rnd.draft_ids]
+    color = {"ctx": COLORS["muted"], "kept": COLORS["accepted"], "dropped": COLORS["rejected"]}
+    cell = lambda text, kind, strike=False: (
+        f'<span class="mtplab-cache-row mtplab-cache-{kind}" style="display:inline-block;margin:1px;padding:1px 4px;'
+        f'border:1px solid {color[kind]};border-radius:3px;{"text-decoration:line-through;" if strike else ""}">'
+        f"{esc(text)}</span>")
+    context = cell(f"… {earlier} rows", "ctx")
+
+    def line(title, rows):
+        hidden = len(rows) - show
+        rows = rows[-show:] if hidden > 0 else rows
+        more = cell(f"+{hidden}", "ctx") if hidden > 0 else ""
+        return f"<div><b style='display:inline-block;width:9em'>{title}</b>{context}{more}{''.join(rows)}</div>"
+
+    if rnd.tree_branches:  # a tree pass read every node; the rollback kept the followed branch's accepted rows
+        after_verify = [cell("pending", "kept")] + [cell(f"node {i}", "ctx") for i in range(added - 1)]
+        after_rollback = [cell("pending", "kept")] + [cell(t, "kept") for t in texts[:kept - 1]]
+    else:  # a chain: the rows of the accepted drafts stay, those from the rejected draft on are dropped
+        after_verify = [cell(t, "kept" if i < kept else "dropped", strike=i >= kept)
+                        for i, t in enumerate(["pending"] + texts[:added - 1])]
+        after_rollback = after_verify[:kept]
+    nxt = esc(repr(rnd.token_text)) if rnd.token_text else "(end)"
+    return (f'<div class="mtplab-cache-view"><small>target KV cache, one box per row: {earlier} rows before the '
+            f"round; the verify pass added {added} (the pending token + {added - 1} drafted); the rollback dropped "
+            f"{added - kept} and kept {kept}.</small>"
+            + line(f"after verify: {rnd.target_cache_before}", after_verify)
+            + line(f"after rollback: {rnd.target_cache_len}", after_rollback)
+            + f"<small>next pending token (not cached yet): <code>{nxt}</code> · drafter cache "
+              f"{rnd.drafter_cache_len} rows</small></div>")
 
 
 def emitted_texts(trace) -> list:
@@ -179,7 +219,7 @@ class RoundInspector(W.VBox):
             self.bars[RESIDUAL_BARS].update(x=labels if residual else [], y=residual or [])
         self.title.value = describe(rnd, pos)
         tree = f"<br>{tree_note(rnd, token_text)}" if rnd.tree_branches else ""
-        self.costs.value = f"<small>{costs(rnd)}</small>{tree}"
+        self.costs.value = f"<small>{costs(rnd)}</small>{tree}{cache_view(rnd)}"
         self._show_mtp(rnd, pos, trace, token_text)
 
     def _show_mtp(self, rnd, pos, trace, token_text) -> None:
