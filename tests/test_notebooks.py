@@ -22,6 +22,9 @@ def test_notebook_executes(path):
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "identical output: False" not in text  # notebooks that compare with plain decoding must match it
     assert "✗" not in text  # a notebook's own check of exactness failed (e.g. 02: the round by hand vs mtplab's)
+    if path.name.startswith("04_"):
+        shown = "".join(o["data"].get("text/html", "") for o in outputs if o.get("data"))
+        assert shown.count("mtplab-family-row") == 7 and "mtplab-tree-mask" in shown  # the family, a real tree
     if path.name.startswith("02_"):
         assert "identical to the round by hand ✓" in text and "after rollback" in text
         figures = [json.dumps(o["data"]) for o in outputs if "application/vnd.plotly.v1+json" in o.get("data", {})]

@@ -195,3 +195,34 @@ def test_the_cache_view_draws_the_rows_a_round_added_and_dropped():
     assert "next pending token (not cached yet): <code>&#x27;t1&#x27;</code>" in html_
     long = cache_view(rnd, show=2)  # only the last rows are drawn, the rest counted
     assert "+1</span>" in long.split("after rollback")[0]
+
+
+def test_the_tree_picture_draws_the_tree_and_its_mask():
+    from mtplab.widgets.pictures import tree_html
+    from conftest import made_up_traces
+
+    spec, _ = made_up_traces()
+    rnd = spec.rounds[0]
+    with pytest.raises(ValueError, match="verified as a chain, not a token tree"):
+        tree_html(rnd)
+    rnd.tree_branches, rnd.tree_branch, rnd.num_accepted = [[10, 11], [10, 12], [13]], 1, 2  # nodes 10, 11, 12, 13
+    page = tree_html(rnd, lambda t: f"w{t}")
+    assert page.count("mtplab-tree-node") == 4 and "4 nodes from 3 branches" in page
+    assert page.count("✓") == 2 + 1  # nodes 10 and 12 on the followed path (+ the legend)
+    mask = page.split("mtplab-tree-mask")[1]
+    rows = mask.split("<tr>")[2:]  # pending, then nodes 10, 11, 12, 13
+    seen = [row.count("mtplab-mask-on") for row in rows]
+    assert seen == [1, 2, 3, 3, 2]  # pending sees itself; a node sees the pending token, its ancestors and itself
+    import re
+    pattern = re.findall(r"mtplab-mask-(on|off)", rows[3])  # node 12: columns pending, 10, 11, 12, 13
+    assert pattern == ["on", "on", "off", "on", "off"]  # not its sibling 11, not the other branch's 13
+
+
+def test_the_family_table_names_what_each_drafter_reads_and_its_measured_cost():
+    from mtplab.widgets.pictures import FAMILY, family_html
+
+    page = family_html({"mtp-head": 0.071, "eagle3": 0.12})
+    assert page.count("mtplab-family-row") == len(FAMILY) == 7
+    for name in ("draft model", "layer-skip", "Medusa", "EAGLE-3", "Gemma 4 assistant", "mtplab MTP head"):
+        assert name in page
+    assert "<td>0.07</td>" in page and "<td>0.12</td>" in page and page.count("<td>—</td>") == 5
