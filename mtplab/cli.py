@@ -1,10 +1,14 @@
-"""The command line: ``mtplab run``, ``mtplab bench`` and ``mtplab fetch`` (also ``python -m mtplab``).
+"""The command line: ``mtplab run``, ``mtplab bench``, ``mtplab fetch``, ``mtplab train-drafter`` and
+``mtplab export-drafter`` (also ``python -m mtplab``).
 
 ``mtplab run "prompt"`` streams a speculative decode round by round and colours each token by what happened
 to it, in the notebook's colours and cues (``mtplab.palette``, as 256-colour terminal codes): accepted draft
 (green), rejected draft (vermillion, struck through, then dropped), correction (orange, underlined), bonus (blue,
 overlined, bold), plain target token (default colour). Without a colour terminal (or with ``NO_COLOR`` set)
 tokens are marked ``[+tok]`` ``[-tok]`` ``[!tok]`` ``[*tok]`` instead.
+
+``mtplab export-drafter DIR --format speculators --drafter FOLDER`` writes an EAGLE-3 drafter as a
+vllm-project/speculators checkpoint (``config.json`` + ``model.safetensors``, see ``mtplab.export``) for vLLM.
 """
 from __future__ import annotations
 
@@ -128,12 +132,39 @@ def cmd_train_drafter(args) -> None:
           f"use it with mtplab.load_drafter({where!r})")
 
 
+def cmd_export_drafter(args) -> None:
+    from pathlib import Path
+
+    from .drafters import load_drafter, registry
+    from .export import check_exportable, export_speculators
+    from .models import BUNDLED_ALIASES, BUNDLED_HUB_ID, load_target
+
+    if not Path(args.drafter).is_dir():  # fail before loading anything
+        eagle = ('the folder of an EAGLE-3 drafter (saved by Eagle3Drafter.save, its mtp_config.json says '
+                 '"kind": "eagle3")')
+        if args.drafter in registry.NAMES:
+            raise ValueError(f"--drafter {args.drafter} is {registry.ENTRIES[args.drafter].about}: only EAGLE-3 "
+                             f"drafters export to the speculators format; give {eagle}")
+        raise ValueError(f"--drafter {args.drafter}: no such folder; give {eagle}")
+    if args.speculative_tokens < 1:
+        raise ValueError(f"--speculative-tokens must be at least 1, got {args.speculative_tokens}")
+    drafter = load_drafter(args.drafter)
+    check_exportable(drafter, bound=False)  # the kind, before the target loads
+    target = load_target(args.model)
+    drafter.bind(target)
+    verifier = args.verifier or (BUNDLED_HUB_ID if args.model in BUNDLED_ALIASES else str(args.model))
+    out = export_speculators(drafter, args.dir, verifier, args.speculative_tokens, args.dtype)
+    print(f"wrote {out}/config.json and {out}/model.safetensors (speculators EAGLE-3, verifier {verifier}, "
+          f"{args.speculative_tokens} speculative tokens)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .bench import DRAFTERS
     from .decoder import SCHEDULES
     from .drafters.registry import NAMES
 
-    parser = argparse.ArgumentParser(prog="mtplab", description="See speculative decoding work: run, bench, fetch.")
+    parser = argparse.ArgumentParser(prog="mtplab", description="See speculative decoding work: run, bench, fetch, "
+                                     "train-drafter, export-drafter.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="decode a prompt, showing accepted / rejected drafted tokens as they come")
@@ -201,6 +232,26 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int, default=8, help="sequences per step (the target runs on each batch)")
     train.add_argument("--lr", type=float, default=2e-3)
     train.set_defaults(func=cmd_train_drafter)
+
+    export = sub.add_parser("export-drafter", help="write an EAGLE-3 drafter as a speculators checkpoint for vLLM",
+                            description="Write an EAGLE-3 drafter (a folder saved by Eagle3Drafter.save) as a "
+                            "vllm-project/speculators checkpoint: config.json and model.safetensors (the head, the "
+                            "target's LM head rows of the draft vocabulary, d2t/t2d; no embedding: vLLM shares the "
+                            "target's). The format is checked against speculators 0.9.0.")
+    export.add_argument("dir", help="output folder (created; config.json and model.safetensors are overwritten)")
+    export.add_argument("--format", required=True, choices=("speculators",), help="speculators: what vLLM reads")
+    export.add_argument("--drafter", required=True, metavar="PATH_OR_NAME",
+                        help="an EAGLE-3 drafter: its folder (saved by Eagle3Drafter.save; loaded with "
+                             "mtplab.load_drafter). mtplab's named drafters (mtp, ...) are of other kinds")
+    export.add_argument("--model", default=None, help="target: hub id or local folder (default: bundled SmolLM2-135M)")
+    export.add_argument("--verifier", default=None, metavar="NAME_OR_PATH",
+                        help="the target as vLLM loads it, recorded in config.json (default: "
+                             "HuggingFaceTB/SmolLM2-135M-Instruct for the bundled target, else --model)")
+    export.add_argument("--speculative-tokens", type=int, default=3, metavar="N",
+                        help="draft length of the greedy proposal config.json declares (default 3)")
+    export.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None,
+                        help="weights' dtype (default: the drafter's own)")
+    export.set_defaults(func=cmd_export_drafter)
 
     fetch = sub.add_parser("fetch", help="download and convert the bundled model; print its folder")
     fetch.set_defaults(func=cmd_fetch)
