@@ -280,3 +280,46 @@ def test_heads_from_the_command_line(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(args[:-2] + ["--heads", "2x", "--out", str(tmp_path / "x")])
     assert e.value.code == 2 and "a head is LAYERS" in capsys.readouterr().err
+
+
+def test_propose_drafts_what_the_training_forward_predicts():
+    """The drafter's q at every draft step equals the softmax of the training-time-test forward at the seed
+    position, fed the same tokens: drafting and training read the same rows, tokens and positions."""
+    target = tiny(num_layers=4)
+    drafter = random_eagle(target, vocab_ids=torch.arange(0, 64, 2))
+    drafter.bind(target)
+    ids = PROMPT + [7, 8]
+    m = len(ids) - 1
+    drafter.reset(ids)
+    drafter.observe(features(target, drafter, ids[:-1]), None)
+    cfg = SamplingConfig(1.0)
+    with torch.inference_mode():
+        d = drafter.propose(ids, 3, cfg, torch.Generator().manual_seed(0))
+        fed = ids + d.tokens
+        embeds = [drafter.embed(torch.tensor(fed[1 + s: 1 + s + m]))[None] for s in range(3)]
+        states = drafter.head.unrolled(features(target, drafter, ids[:-1])[None], embeds, 3)
+        for s in range(3):
+            q = sampling.probs(drafter.logits(states[s][0, m - 1]), cfg)
+            torch.testing.assert_close(d.q[s], q, rtol=0, atol=1e-5)
+
+
+def test_the_trainer_unrolls_the_drafting_steps():
+    """train._draft_states for an EAGLE-3 head: step j from seed t is the drafter's state after reading positions
+    0..t and then the true tokens t+2..t+j, one cached step at a time."""
+    from mtplab.train import _draft_states
+
+    target = tiny(num_layers=4)
+    drafter = random_eagle(target)
+    drafter.bind(target)
+    head, ids, unroll = drafter.head, PROMPT + [7, 8, 9], 3
+    aux = features(target, drafter, ids)
+    with torch.inference_mode():
+        states = _draft_states(head, drafter.embed, aux[None], torch.tensor([ids]), unroll)
+        assert len(states) == unroll and states[0].shape[1] == len(ids) - unroll
+        for t in (0, 4, len(ids) - unroll - 1):
+            g, cache = head.step(drafter.embed(torch.tensor(ids[1:t + 2])), head.fc(aux[:t + 1]), torch.arange(t + 1))
+            g = g[-1:]
+            for j in range(unroll):
+                if j:
+                    g, cache = head.step(drafter.embed(torch.tensor([ids[t + 1 + j]])), g, torch.tensor([t + j]), cache)
+                torch.testing.assert_close(head.norm(g)[0], states[j][0, t], rtol=0, atol=1e-5)
