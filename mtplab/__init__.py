@@ -1,5 +1,5 @@
 """mtplab: see speculative decoding and multi-token prediction work — a real, recorded speculative decoder."""
-from . import costs, palette, report, sampling, theory
+from . import costs, palette, report, sampling, theory, workshop
 from .decoder import SpeculativeDecoder
 from .drafters import (BuiltinMTPDrafter, Draft, Drafter, DraftModelDrafter, Gemma4AssistantDrafter, LayerSkipDrafter,
                        MTPDrafter, PromptLookupDrafter, load_drafter)
@@ -24,5 +24,5 @@ __all__ = [
     "SpeculativeDecoder", "Draft", "Drafter", "DraftModelDrafter", "LayerSkipDrafter", "MTPDrafter", "PromptLookupDrafter",
     "BuiltinMTPDrafter", "Gemma4AssistantDrafter", "load_drafter",
     "Target", "fetch_bundled", "load_model", "load_target", "load_pair", "tiny_random_target", "truncated_copy",
-    "SamplingConfig", "Round", "Trace", "speedup", "costs", "palette", "report", "sampling", "theory",
+    "SamplingConfig", "Round", "Trace", "speedup", "costs", "palette", "report", "sampling", "theory", "workshop",
 ]

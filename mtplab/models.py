@@ -369,12 +369,14 @@ def load_model(name_or_path, *, device=None, dtype=None, device_map=None, trust_
     return AutoModelForCausalLM.from_pretrained(name_or_path, **kw).eval()
 
 
-def truncated_copy(target: Target, num_layers: int, share_weights: bool = False):
+def truncated_copy(target: Target, num_layers: int, share_weights: bool = False, share_embeddings: bool = True):
     """A standalone causal LM made of the target's first ``num_layers`` layers, embeddings, final norm and head.
 
-    With ``share_weights=False`` it is a real separate model (its own weights and cache) with the target's
-    tokenizer — the offline stand-in for a small draft model. With ``share_weights=True`` the modules are the
-    target's own (no extra memory): that is the layer-skip / early-exit self-drafter's network.
+    With ``share_weights=False`` it is a real separate model (its own layers, norm and cache) with the target's
+    tokenizer — the offline stand-in for a small draft model. Its token embedding and LM head are the target's own
+    tensors unless ``share_embeddings=False``: they would be identical copies, which nothing here trains, and for the
+    bundled target they are 113 MB (a workshop kernel on Binder has 2 GB in all). With ``share_weights=True`` every
+    module is the target's own (no extra memory): that is the layer-skip / early-exit self-drafter's network.
     """
     import copy
 
@@ -388,14 +390,14 @@ def truncated_copy(target: Target, num_layers: int, share_weights: bool = False)
     with torch.device("meta"):
         small = AutoModelForCausalLM.from_config(config)
     keep = lambda m: m if share_weights else copy.deepcopy(m)  # copy only what the small model keeps
+    embed, head = target.model.get_input_embeddings(), target.model.get_output_embeddings()
     for name, module in target.model.get_decoder().named_children():
         if name == "layers":
             module = torch.nn.ModuleList(list(module)[:num_layers])
-        setattr(small.get_decoder(), name, keep(module))
-    head = target.model.get_output_embeddings()
-    tied = head.weight is target.model.get_input_embeddings().weight
-    small.set_output_embeddings(keep(head))
-    if tied and not share_weights:
+        setattr(small.get_decoder(), name, module if module is embed and share_embeddings else keep(module))
+    tied = head.weight is embed.weight
+    small.set_output_embeddings(head if share_embeddings else keep(head))
+    if tied and not share_weights and not share_embeddings:
         small.get_output_embeddings().weight = small.get_input_embeddings().weight
     left = [n for n, t in [*small.named_parameters(), *small.named_buffers()] if t.is_meta]
     if left:

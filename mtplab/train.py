@@ -155,15 +155,25 @@ def _pad_batch(batch, pad: int, device):
     return ids.to(device), mask.to(device), answer.to(device)
 
 
+TEACHER_TOKENS = 256  # the target reads a batch in pieces of about this many tokens: its full-vocabulary logits
+# ([tokens, vocabulary] floats: 50 MB for the bundled target) are the peak of a training step's memory
+
+
 @torch.no_grad()
 def _teacher(model, ids, mask, vocab_ids, hidden=True):
     """The target's hidden states (``hidden``: ``True`` for the last ones, or layer ids, as the head reads them),
     its next-token distribution restricted (and renormalised) to the draft vocabulary, and its greedy next token
-    (argmax over the whole vocabulary)."""
+    (argmax over the whole vocabulary). The batch is read a few sequences at a time (:data:`TEACHER_TOKENS`)."""
+    rows = max(1, TEACHER_TOKENS // ids.shape[1])
+    if ids.shape[0] > rows:
+        parts = [_teacher(model, ids[i:i + rows], mask[i:i + rows], vocab_ids, hidden)
+                 for i in range(0, ids.shape[0], rows)]
+        return tuple(torch.cat(part) for part in zip(*parts))
     with last_hidden(model, hidden) as got:
         o = model(input_ids=ids, attention_mask=mask, **got.kwargs)
-    p = torch.softmax(o.logits.float(), dim=-1)
-    top = p.argmax(-1)
+    logits = o.logits.float()
+    top = logits.argmax(-1)
+    p = torch.softmax(logits, dim=-1)
     if vocab_ids is not None:
         p = p[..., vocab_ids]
     return got.hidden(o).float(), p / p.sum(-1, keepdim=True).clamp_min(1e-8), top
@@ -459,4 +469,21 @@ def train_on_sequences(target, sequences, out_dir, *, heads=((2, None),), draft_
             save_checkpoint()
     for h in nets:
         h.eval()
-    return export()
+    drafters = export()
+    if cache is not None:
+        cache.clear()  # the target's outputs per sequence: hundreds of MB for a notebook's data
+    _release_freed_memory()
+    return drafters
+
+
+def _release_freed_memory() -> None:
+    """Hand the memory training freed back to the OS: glibc keeps freed heap pages of many small tensors, so a
+    notebook's kernel would otherwise carry training's high-water mark (hundreds of MB) into everything after it.
+    A no-op where the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

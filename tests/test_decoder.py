@@ -250,16 +250,21 @@ def test_record_off_keeps_decisions():
     assert on.token_ids == off.token_ids and off.rounds[0].p_top == [] and on.rounds[0].p_top
 
 
-def test_truncated_copy_is_independent_and_shares_nothing():
+def test_truncated_copy_has_its_own_layers_and_shares_only_the_embeddings():
     target = tiny(num_layers=3)
     small = mtplab.truncated_copy(target, 2)
     assert len(small.model.layers) == 2 and len(target.model.model.layers) == 3
     assert small.model.layers[0].self_attn.q_proj.weight.data_ptr() != target.model.model.layers[0].self_attn.q_proj.weight.data_ptr()
+    assert small.model.norm is not target.model.model.norm
+    assert small.model.embed_tokens is target.model.model.embed_tokens and small.lm_head is target.model.lm_head
+    alone = mtplab.truncated_copy(target, 2, share_embeddings=False)  # nothing shared
+    assert alone.model.embed_tokens is not target.model.model.embed_tokens and alone.lm_head is not target.model.lm_head
+    assert torch.equal(alone.lm_head.weight, target.model.lm_head.weight)
     shared = mtplab.truncated_copy(target, 2, share_weights=True)
     assert shared.model.layers[1] is target.model.model.layers[1] and shared.lm_head is target.model.lm_head
     x = torch.tensor([PROMPT])
     with torch.inference_mode():
-        assert torch.allclose(small(x).logits, shared(x).logits)
+        assert torch.allclose(small(x).logits, shared(x).logits) and torch.allclose(alone(x).logits, shared(x).logits)
 
 
 def test_no_rejected_token_after_an_accepted_eos():

@@ -226,3 +226,17 @@ def test_the_family_table_names_what_each_drafter_reads_and_its_measured_cost():
     for name in ("draft model", "layer-skip", "Medusa", "EAGLE-3", "Gemma 4 assistant", "mtplab MTP head"):
         assert name in page
     assert "<td>0.07</td>" in page and "<td>0.12</td>" in page and page.count("<td>—</td>") == 5
+
+
+def test_the_verify_cost_figure_plots_this_machines_measured_passes():
+    from mtplab import costs
+    from mtplab.widgets.pictures import VERIFY_ASSUMED, VERIFY_PLAIN, VERIFY_USED, verify_cost_figure
+    from mtplab.widgets.style import named_traces
+
+    target = mtplab.tiny_random_target()
+    traces = named_traces(verify_cost_figure(target))
+    seconds, v = costs.pass_seconds(target), costs.verify_curve(target)
+    assert list(traces[VERIFY_PLAIN].x) == list(range(1, 17)) and traces[VERIFY_PLAIN].y[0] == 1.0
+    assert list(traces[VERIFY_PLAIN].y) == pytest.approx([seconds["plain"][n] / seconds["plain"][1] for n in range(1, 17)])
+    assert list(traces[VERIFY_USED].y) == pytest.approx([v[g] for g in range(16)])  # the decoder's own v(γ)
+    assert list(traces[VERIFY_ASSUMED].y) == [1, 1]

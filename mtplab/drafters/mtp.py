@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import weakref
 from pathlib import Path
 
 import torch
@@ -197,7 +198,13 @@ class MTPDrafter(Drafter):
                              f"target {target.name}'s vocabulary of {target.vocab_size}")
         self.target = target
         self.embed = target.model.get_input_embeddings()
-        self._lm_head_t = restricted_lm_head(target, self.vocab_ids)
+        # the restricted LM head, shared by drafters of one head on one target (see _LOADED_HEADS)
+        weight = target.model.get_output_embeddings().weight
+        vocab = None if self.vocab_ids is None else tuple(self.vocab_ids.tolist())
+        cached = _LM_HEADS.get(self.head)
+        if cached is None or cached[0]() is not weight or cached[1] != vocab:
+            cached = _LM_HEADS[self.head] = (weakref.ref(weight), vocab, restricted_lm_head(target, self.vocab_ids))
+        self._lm_head_t = cached[2]
         self.head.to(device=self._lm_head_t.device, dtype=self._lm_head_t.dtype)
 
     def logits(self, s: torch.Tensor) -> torch.Tensor:
@@ -313,16 +320,25 @@ class MTPDrafter(Drafter):
 
             return Eagle3Drafter.from_folder(path, config, tensors)
         vocab_ids = tensors.pop("vocab_ids", None)
-        head = MTPHead(config["hidden_size"], config["num_layers"], config["intermediate_size"],
-                       config.get("context_attention", False))
-        try:
-            head.load_state_dict(tensors)
-        except RuntimeError as e:
-            raise ValueError(f"the weights in {path} do not fit the head its config describes: {e}") from None
+        key = (str(path.resolve()), (path / WEIGHTS_NAME).stat().st_mtime_ns)
+        head = _LOADED_HEADS.get(key)
+        if head is None:
+            head = MTPHead(config["hidden_size"], config["num_layers"], config["intermediate_size"],
+                           config.get("context_attention", False))
+            try:
+                head.load_state_dict(tensors)
+            except RuntimeError as e:
+                raise ValueError(f"the weights in {path} do not fit the head its config describes: {e}") from None
+            _LOADED_HEADS[key] = head
         drafter = cls(head, vocab_ids, name=config.get("name", "mtp"), context_ngram=config.get("context_ngram"))
         drafter.meta = config
         return drafter
 
+
+# Drafters loaded from the same saved folder share one head (read-only weights): "mtp", "mtp-tree" and "mtp-head"
+# side by side (the bench, notebook 04) hold it once. Kept while any drafter uses it; a re-saved folder loads anew.
+_LOADED_HEADS = weakref.WeakValueDictionary()
+_LM_HEADS = weakref.WeakKeyDictionary()  # head -> (its target's LM head weight, draft vocabulary, the restricted copy)
 
 SHIPPED = {"SmolLM2-135M-Instruct": "mtp-smollm2-135m"}  # target name -> folder in mtplab/data
 # "mtp-tree": the shipped drafter, verified as a token tree when greedy (settings chosen on the dev prompts)

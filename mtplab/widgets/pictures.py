@@ -93,3 +93,34 @@ def family_html(costs: dict | None = None) -> str:
     return (f"<table class='mtplab-family' style='font-size:90%'><tr>{head}</tr>{rows}</table><small>c: seconds per "
             "drafted token / seconds of a one-token target step, measured in this run on this machine "
             "(— where it did not run here). Every drafter's guesses go through the same lossless verification.</small>")
+
+
+VERIFY_PLAIN, VERIFY_TUNED, VERIFY_USED, VERIFY_ASSUMED = (
+    "F.linear (measured)", "tuned kernels (measured)", "v: what the decoder plans with", "Leviathan's model: 1 step")
+
+
+def verify_cost_figure(target):
+    """The measured cost of one target pass over 1..16 tokens on this machine, in one-token steps: with plain
+    ``F.linear``, with mtplab's tuned kernels where it has them, the curve v the decoder plans with (``schedule="auto"``
+    and the dashboard's theory), and the assumption of the classic model (every pass costs one step)."""
+    import plotly.graph_objects as go
+
+    from ..costs import pass_seconds, verify_curve
+
+    seconds, v = pass_seconds(target), verify_curve(target)
+    ns = sorted(seconds["plain"])
+    step = seconds["plain"][1]
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(name=VERIFY_PLAIN, x=ns, y=[seconds["plain"][n] / step for n in ns], mode="markers",
+                             marker=dict(color=COLORS["muted"], size=8)))
+    if "tuned" in seconds:
+        fig.add_trace(go.Scatter(name=VERIFY_TUNED, x=ns, y=[seconds["tuned"][n] / step for n in ns], mode="markers",
+                                 marker=dict(color=COLORS["drafter"], size=8, symbol="diamond")))
+    fig.add_trace(go.Scatter(name=VERIFY_USED, x=[g + 1 for g in sorted(v)], y=[v[g] for g in sorted(v)],
+                             mode="lines", line=dict(color=COLORS["measured"], width=2)))
+    fig.add_trace(go.Scatter(name=VERIFY_ASSUMED, x=[1, max(ns)], y=[1, 1], mode="lines",
+                             line=dict(color=COLORS["theory"], dash="dash")))
+    fig.update_layout(title=f"One target pass over n tokens, in one-token steps ({target.name}, this machine)",
+                      xaxis=dict(title="tokens in the pass (γ + 1)", dtick=1), yaxis=dict(title="cost / one-token step",
+                      rangemode="tozero"), height=340, template="plotly_white", legend=dict(orientation="h", y=-0.25))
+    return fig
