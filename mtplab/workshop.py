@@ -8,19 +8,7 @@ from __future__ import annotations
 
 import os
 
-
-def cpu_model() -> str:
-    """The CPU model as /proc/cpuinfo names it (or the platform's processor string elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine() or "unknown CPU"
+from .kernels import cpu_model
 
 
 def other_kernels() -> list:

@@ -17,6 +17,7 @@ import mtplab
 from mtplab.cli import main
 from mtplab.drafters.eagle import Eagle3Drafter, Eagle3Head
 from mtplab.drafters.mtp import MTPDrafter, MTPHead
+from mtplab.models import forward, new_cache
 from mtplab.export import SPECULATORS_VERSION, export_speculators
 from mtplab.models import BUNDLED_HUB_ID
 from mtplab.sampling import SamplingConfig
@@ -70,9 +71,10 @@ def tiny(tmp_path_factory):
 
 def features(target, layers, ids):
     """The target's hidden states entering ``layers`` at each position of ``ids``, concatenated: ``[1, n, 3H]``."""
+    # mtplab's own removable hooks (tested equal to output_hidden_states in test_eagle.py): transformers'
+    # output_hidden_states leaves hooks on the model that make it unpicklable, and the bundled target is shared
     with torch.no_grad():
-        states = target.model(torch.tensor([ids]), output_hidden_states=True).hidden_states
-    return torch.cat([states[i] for i in layers], dim=-1)
+        return forward(target.model, ids, new_cache(target.model), hidden=list(layers), logits=False)[1][None]
 
 
 def load_speculators(folder, target):

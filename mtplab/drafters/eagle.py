@@ -27,7 +27,6 @@ Its probabilities q feed the same lossless verification as every drafter.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -294,20 +293,9 @@ class Eagle3Drafter(Drafter):
 
     # --- saving and loading: the same folder layout as the MTP head (mtp_config.json + mtp_head.safetensors) ----
     def save(self, path, dtype: torch.dtype | None = None, **meta) -> Path:
-        from safetensors.torch import save_file
+        from .mtp import save_folder
 
-        from .mtp import CONFIG_NAME, WEIGHTS_NAME
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().to(dtype or v.dtype).cpu().contiguous() for k, v in self.head.state_dict().items()}
-        if self.vocab_ids is not None:
-            tensors["vocab_ids"] = self.vocab_ids.cpu()
-        save_file(tensors, path / WEIGHTS_NAME)
-        config = dict(self.head.config, name=self.name,
-                      draft_vocab_size=None if self.vocab_ids is None else len(self.vocab_ids), **meta)
-        (path / CONFIG_NAME).write_text(json.dumps(config, indent=1))
-        return path
+        return save_folder(path, self.head, self.vocab_ids, self.name, dtype, **meta)
 
     @classmethod
     def from_folder(cls, path, config: dict, tensors: dict) -> "Eagle3Drafter":

@@ -139,6 +139,23 @@ class MTPHead(nn.Module):
         return self.norm_out(x)
 
 
+def save_folder(path, head: nn.Module, vocab_ids, name: str, dtype: torch.dtype | None = None, **meta) -> Path:
+    """A drafter folder, for every kind of head: ``mtp_head.safetensors`` (the head's weights, in ``dtype`` if given,
+    and the draft vocabulary) and ``mtp_config.json`` (the head's ``config``, the name, the draft vocabulary size and
+    ``meta``)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to(dtype or v.dtype).cpu().contiguous() for k, v in head.state_dict().items()}
+    if vocab_ids is not None:
+        tensors["vocab_ids"] = vocab_ids.cpu()
+    save_file(tensors, path / WEIGHTS_NAME)
+    config = dict(head.config, name=name, draft_vocab_size=None if vocab_ids is None else len(vocab_ids), **meta)
+    (path / CONFIG_NAME).write_text(json.dumps(config, indent=1))
+    return path
+
+
 def restricted_lm_head(target, vocab_ids: torch.Tensor | None) -> torch.Tensor:
     """The target's LM head restricted to the draft vocabulary (``None``: all of it), laid out for the few-row
     product: ``[H, V']``, so that ``s @ W`` is one pass over W."""
@@ -293,18 +310,7 @@ class MTPDrafter(Drafter):
     def save(self, path, dtype: torch.dtype | None = None, **meta) -> Path:
         """Write ``mtp_head.safetensors`` + ``mtp_config.json`` into the folder ``path`` (weights in ``dtype`` if
         given, e.g. ``torch.float16`` to halve the file; loading casts them to the target's dtype)."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().to(dtype or v.dtype).cpu().contiguous() for k, v in self.head.state_dict().items()}
-        if self.vocab_ids is not None:
-            tensors["vocab_ids"] = self.vocab_ids.cpu()
-        save_file(tensors, path / WEIGHTS_NAME)
-        config = dict(self.head.config, name=self.name,
-                      draft_vocab_size=None if self.vocab_ids is None else len(self.vocab_ids), **meta)
-        (path / CONFIG_NAME).write_text(json.dumps(config, indent=1))
-        return path
+        return save_folder(path, self.head, self.vocab_ids, self.name, dtype, **meta)
 
     @classmethod
     def load(cls, path) -> "MTPDrafter":
