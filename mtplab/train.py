@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .drafters.eagle import Eagle3Drafter, Eagle3Head
-from .drafters.mtp import MTPDrafter, MTPHead
+from .drafters.mtp import MTPDrafter, MTPHead, restricted_lm_head
 from .models import chat_ids, last_hidden
 
 
@@ -182,12 +182,11 @@ def _teacher(model, ids, mask, vocab_ids, hidden=True):
 def _draft_head(target, vocab_ids):
     """The target's LM head restricted to the draft vocabulary, transposed (``[hidden, V']``: draft logits = s @ it),
     and the map from token id to draft-vocabulary index (-1 outside it)."""
-    model = target.model
-    head_w = model.get_output_embeddings().weight.detach().float()
-    lm_head_t = (head_w if vocab_ids is None else head_w[vocab_ids]).t().contiguous()
-    vocab_map = torch.full((target.vocab_size,), -1, dtype=torch.long, device=head_w.device)
-    vocab_map[torch.arange(target.vocab_size, device=head_w.device) if vocab_ids is None else vocab_ids] = \
-        torch.arange(lm_head_t.shape[1], device=head_w.device)
+    lm_head_t = restricted_lm_head(target, vocab_ids).float()  # the drafters' own copy (float for training)
+    device = lm_head_t.device
+    vocab_map = torch.full((target.vocab_size,), -1, dtype=torch.long, device=device)
+    vocab_map[torch.arange(target.vocab_size, device=device) if vocab_ids is None else vocab_ids] = \
+        torch.arange(lm_head_t.shape[1], device=device)
     return lm_head_t, vocab_map
 
 

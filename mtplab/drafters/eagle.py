@@ -154,17 +154,13 @@ class Eagle3Head(nn.Module):
                         tie_word_embeddings=False, **{k: config[k] for k in keys})
         return cls(c, config["target_layers"])
 
-    def _rope(self, x, positions):
-        return self.rotary_emb(x, positions)
-
     def step(self, embeds, features, positions, cache=None):
         """The layer over new rows of one sequence (``embeds``, ``features`` ``[n, H]``, ``positions`` ``[n]``), each
         seeing the ``cache`` (keys, values of earlier rows) and the new rows before it. Returns the output states
         ``[n, H]`` (pre-norm: what the next draft step reads) and the cache with the new rows appended."""
         layer = self.layers[0]
         x = layer.rows(embeds, features)[None]
-        cos, sin = self._rope(x, positions[None])
-        q, k, v = layer.self_attn.qkv(x, cos, sin)
+        q, k, v = layer.self_attn.qkv(x, *self.rotary_emb(x, positions[None]))
         if cache is not None:
             k, v = torch.cat([cache[0], k], dim=-2), torch.cat([cache[1], v], dim=-2)
         n, m = q.shape[-2], k.shape[-2]
@@ -183,26 +179,16 @@ class Eagle3Head(nn.Module):
         n = aux.shape[1]
         positions = torch.arange(n, device=aux.device)[None] if positions is None else positions
         causal = torch.ones(n, n, dtype=torch.bool, device=aux.device).tril()
-        features, out, own = self.fc(aux), [], []
+        own = torch.eye(n, dtype=torch.bool, device=aux.device)
+        features, out, keys, values = self.fc(aux), [], [], []
         for s in range(steps):
             x = layer.rows(embeds[s], features)
-            cos, sin = self._rope(x, positions + s)
-            q, k, v = attn.qkv(x, cos, sin)
-            if s == 0:
-                k0, v0 = k, v
-                attended = attn.attend(q, k0, v0, causal)
-            else:  # real rows <= t, then the diagonal: this position's own rows of steps 1..s
-                own.append((k, v))
-                group = attn.heads // attn.kv_heads
-                ks = torch.stack([a.repeat_interleave(group, 1) for a, _ in own], -2)  # [B, heads, n, s, d]
-                vs = torch.stack([b.repeat_interleave(group, 1) for _, b in own], -2)
-                scale = attn.head_dim ** -0.5
-                real = q @ k0.repeat_interleave(group, 1).transpose(-1, -2) * scale
-                real = real.masked_fill(~causal, float("-inf"))
-                diag = (q[..., None, :] * ks).sum(-1) * scale  # [B, heads, n, s]
-                w = torch.softmax(torch.cat([real, diag], -1), dim=-1, dtype=torch.float32).to(q.dtype)
-                attended = w[..., :n] @ v0.repeat_interleave(group, 1) + (w[..., n:, None] * vs).sum(-2)
-            features = layer.finish(features, attended)
+            q, k, v = attn.qkv(x, *self.rotary_emb(x, positions + s))
+            keys.append(k)
+            values.append(v)
+            # step s's keys follow the real ones (step 0): real rows <= t, then this position's own row of each step
+            mask = torch.cat([causal] + [own] * s, dim=1)
+            features = layer.finish(features, attn.attend(q, torch.cat(keys, -2), torch.cat(values, -2), mask))
             out.append(features)
         return out
 

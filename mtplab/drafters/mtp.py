@@ -156,12 +156,22 @@ def save_folder(path, head: nn.Module, vocab_ids, name: str, dtype: torch.dtype 
     return path
 
 
+_RESTRICTED = {}  # id(an LM head weight) -> (a weak reference to it, {draft vocabulary: restricted copy})
+
+
 def restricted_lm_head(target, vocab_ids: torch.Tensor | None) -> torch.Tensor:
     """The target's LM head restricted to the draft vocabulary (``None``: all of it), laid out for the few-row
-    product: ``[H, V']``, so that ``s @ W`` is one pass over W."""
+    product: ``[H, V']``, so that ``s @ W`` is one pass over W. Made once per target weight and draft vocabulary
+    ("mtp", "mtp-tree" and "mtp-head" side by side hold one copy), dropped with the target."""
     head_w = target.model.get_output_embeddings().weight
-    w = head_w if vocab_ids is None else head_w[vocab_ids.to(head_w.device)]
-    return w.detach().t().contiguous()
+    entry = _RESTRICTED.get(id(head_w))
+    if entry is None or entry[0]() is not head_w:
+        entry = _RESTRICTED[id(head_w)] = (weakref.ref(head_w, lambda _, key=id(head_w): _RESTRICTED.pop(key, None)), {})
+    vocab = None if vocab_ids is None else tuple(vocab_ids.tolist())
+    if vocab not in entry[1]:
+        w = head_w if vocab_ids is None else head_w[vocab_ids.to(head_w.device)]
+        entry[1][vocab] = w.detach().t().contiguous()
+    return entry[1][vocab]
 
 
 def full_vocab_logits(small: torch.Tensor, vocab_ids: torch.Tensor | None, vocab_size: int) -> torch.Tensor:
@@ -215,13 +225,7 @@ class MTPDrafter(Drafter):
                              f"target {target.name}'s vocabulary of {target.vocab_size}")
         self.target = target
         self.embed = target.model.get_input_embeddings()
-        # the restricted LM head, shared by drafters of one head on one target (see _LOADED_HEADS)
-        weight = target.model.get_output_embeddings().weight
-        vocab = None if self.vocab_ids is None else tuple(self.vocab_ids.tolist())
-        cached = _LM_HEADS.get(self.head)
-        if cached is None or cached[0]() is not weight or cached[1] != vocab:
-            cached = _LM_HEADS[self.head] = (weakref.ref(weight), vocab, restricted_lm_head(target, self.vocab_ids))
-        self._lm_head_t = cached[2]
+        self._lm_head_t = restricted_lm_head(target, self.vocab_ids)
         self.head.to(device=self._lm_head_t.device, dtype=self._lm_head_t.dtype)
 
     def logits(self, s: torch.Tensor) -> torch.Tensor:
@@ -344,7 +348,6 @@ class MTPDrafter(Drafter):
 # Drafters loaded from the same saved folder share one head (read-only weights): "mtp", "mtp-tree" and "mtp-head"
 # side by side (the bench, notebook 04) hold it once. Kept while any drafter uses it; a re-saved folder loads anew.
 _LOADED_HEADS = weakref.WeakValueDictionary()
-_LM_HEADS = weakref.WeakKeyDictionary()  # head -> (its target's LM head weight, draft vocabulary, the restricted copy)
 
 SHIPPED = {"SmolLM2-135M-Instruct": "mtp-smollm2-135m"}  # target name -> folder in mtplab/data
 # "mtp-tree": the shipped drafter, verified as a token tree when greedy (settings chosen on the dev prompts)
