@@ -10,7 +10,7 @@ from .trace import Round, Trace, speedup
 
 __version__ = "0.1.0"
 
-_WIDGETS = ("Playground", "TokenView", "RoundInspector", "SpeedupDashboard", "TheorySimulator")
+_WIDGETS = ("Playground", "RaceView", "TokenView", "RoundInspector", "SpeedupDashboard", "TheorySimulator")
 
 
 def __getattr__(name):  # the notebook views load ipywidgets/plotly only when asked for

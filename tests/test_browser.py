@@ -1,5 +1,7 @@
-"""The quickstart notebook's Playground in a real browser: JupyterLab on localhost, driven by Playwright with Debian's
-Chromium, asserting on the rendered DOM (coloured tokens, live draft-length changes, the inspector chart).
+"""The core notebooks in a real browser: JupyterLab on localhost, driven by Playwright with Debian's Chromium, asserting
+on the rendered DOM — the quickstart's Playground (coloured tokens, live draft-length changes, the inspector chart,
+the race) and the pictures of 02–04 (exactness, KV-cache rollback, verify cost, races, drafter family, token tree),
+each notebook run by Run All in its own kernel, shut down before the next (as the workshop plan says).
 
 Needs `pip install playwright` (in the `test` extra; never `playwright install`) and Debian's Chromium
 (`apt-get install -y chromium`; `.ci/run` installs it). Missing either is a failure, not a skip. Screenshots go to
@@ -129,24 +131,70 @@ def _shot(page, name: str) -> Path:
     return path
 
 
+def _shot_of(locator, name: str) -> Path:
+    """A screenshot of one picture (JupyterLab scrolls inside its own panel, so a page shot shows one screen)."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / name
+    locator.scroll_into_view_if_needed()
+    locator.screenshot(path=str(path))
+    print(f"\nscreenshot: {path}")
+    return path
+
+
+def _open_and_run_all(page, base: str, token: str, notebook: str) -> None:
+    """Open ``notebook`` in JupyterLab, wait for its kernel, and start Run All (not awaited)."""
+    page.goto(f"{base}/lab/tree/{notebook}?token={token}&reset")
+    page.wait_for_selector(".jp-NotebookPanel-toolbar .jp-Notebook-ExecutionIndicator[data-status='idle']",
+                           timeout=LONG)
+    # The indicator can read idle before the kernel's websocket is up; a run-all sent then is never executed.
+    page.wait_for_function(KERNEL_READY, timeout=LONG)
+    page.evaluate(RUN_ALL)  # not awaited: the command's promise may outlive the cells
+
+
+def _shut_down_kernels(base: str, token: str) -> None:
+    """End every session's kernel, as the workshop plan tells participants to (one ~1 GB kernel at a time)."""
+    with urllib.request.urlopen(f"{base}/api/sessions?token={token}", timeout=30) as r:
+        sessions = json.load(r)
+    for sess in sessions:
+        req = urllib.request.Request(f"{base}/api/sessions/{sess['id']}?token={token}", method="DELETE")
+        urllib.request.urlopen(req, timeout=60).close()
+
+
+def _race_checks(race) -> None:
+    """A race that has run to its end: each lane showed every token of its run, one pass per round, and crossed the
+    line when its recorded clock said (so the faster run visibly finished first)."""
+    from playwright.sync_api import expect
+
+    expect(race).to_have_class(re.compile(r"\bdone\b"), timeout=LONG)
+    lanes = {}
+    for key in ("plain", "spec"):
+        lane = race.locator(f".lane.{key}")
+        expect(lane).to_have_class(re.compile(r"\bfinished\b"))
+        seconds, tokens, passes = (float(lane.get_attribute("data-seconds")), int(lane.get_attribute("data-tokens")),
+                                   int(lane.get_attribute("data-passes")))
+        finished_at = float(lane.get_attribute("data-finished-at"))
+        assert lane.locator(".text .tok").count() == tokens > 0
+        assert lane.locator(".text .pass").count() == passes
+        assert seconds <= finished_at < seconds + 1.0, (key, seconds, finished_at)  # on its own recorded pace
+        lanes[key] = (seconds, tokens, passes, finished_at)
+    plain, spec = lanes["plain"], lanes["spec"]
+    assert plain[1] == plain[2], "plain decoding emits one token per pass"
+    assert spec[2] < spec[1], "the speculative run emitted several tokens in some pass"
+    assert (spec[3] < plain[3]) == (spec[0] < plain[0]), "the run that took less time finishes first"
+    summary = race.locator(".summary").inner_text()
+    assert re.search(r"→ \d+\.\d\d× plain decoding, (faster|slower) on this machine", summary), summary
+    print(f"race: plain {plain}, spec {spec}; {summary!r}")
+
+
 def test_quickstart_playground_in_jupyterlab(lab, browser):
     from playwright.sync_api import expect
 
     base, token = lab
     t0 = time.monotonic()
     console_errors = []
-    ctx = browser.new_context(viewport={"width": 1500, "height": 1900})
-    page = ctx.new_page()
-    page.set_default_timeout(LONG)
-    page.on("console", lambda m: console_errors.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
-    page.on("pageerror", lambda e: console_errors.append(f"pageerror: {e}"))
+    ctx, page = _page(browser, console_errors)
     try:
-        page.goto(f"{base}/lab/tree/{NOTEBOOK}?token={token}&reset")
-        page.wait_for_selector(".jp-NotebookPanel-toolbar .jp-Notebook-ExecutionIndicator[data-status='idle']",
-                               timeout=LONG)
-        # The indicator can read idle before the kernel's websocket is up; a run-all sent then is never executed.
-        page.wait_for_function(KERNEL_READY, timeout=LONG)
-        page.evaluate(RUN_ALL)  # not awaited: the command's promise may outlive the cells
+        _open_and_run_all(page, base, token, NOTEBOOK)
 
         # 1. the run started by the notebook's `pg.run()` fills the token view round by round
         pg = page.locator(".mtplab-playground")
@@ -172,6 +220,14 @@ def test_quickstart_playground_in_jupyterlab(lab, browser):
         assert pg.locator(".mtplab-error").inner_text().strip() == ""
         pg.scroll_into_view_if_needed()
         _shot(page, "01_after_run.png")
+
+        # 1b. the race under the dashboard replays the timed run and its plain baseline at their recorded pace
+        race = pg.locator(".mtplab-race")
+        _race_checks(race)
+        _shot_of(race, "01_race.png")
+        race.locator("button.replay").click()  # a replay starts from an empty text and runs to the end again
+        expect(race).not_to_have_class(re.compile(r"\bdone\b"))
+        _race_checks(race)
 
         # 2. clicking a rejected token draws p vs q in the inspector and says what happened
         inspector = pg.locator(".mtplab-inspector")
@@ -226,8 +282,100 @@ def test_quickstart_playground_in_jupyterlab(lab, browser):
         _shot(page, "03_after_steps.png")
         print(f"browser test took {time.monotonic() - t0:.1f} s after the server was up")
     finally:
-        OUT.mkdir(parents=True, exist_ok=True)
-        (OUT / "console-errors.txt").write_text("\n".join(console_errors) + ("\n" if console_errors else ""))
-        if console_errors:
-            print("browser console errors:\n  " + "\n  ".join(console_errors))
-        ctx.close()
+        _finish(ctx, console_errors, "01")
+        _shut_down_kernels(base, token)
+
+
+def _finish(ctx, console_errors: list, name: str) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"console-errors-{name}.txt").write_text("\n".join(console_errors) + ("\n" if console_errors else ""))
+    if console_errors:
+        print("browser console errors:\n  " + "\n  ".join(console_errors))
+    ctx.close()
+
+
+def _page(browser, console_errors: list):
+    ctx = browser.new_context(viewport={"width": 1500, "height": 1900})
+    page = ctx.new_page()
+    page.set_default_timeout(LONG)
+    page.on("console", lambda m: console_errors.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
+    page.on("pageerror", lambda e: console_errors.append(f"pageerror: {e}"))
+    return ctx, page
+
+
+def _picture_checks_02(page):
+    """02: the exactness pictures (a real round's position, then a deliberately bad drafter) and the KV-cache rows
+    of mtplab's round, drawn by the notebook and again by the inspector."""
+    from playwright.sync_api import expect
+
+    bad = page.locator(".js-plotly-plot", has_text="deliberately bad drafter")
+    expect(bad).to_have_count(1, timeout=2 * LONG)
+    for fig in (page.locator(".js-plotly-plot", has_text="the 8-layer draft model as drafter"), bad):
+        expect(fig.locator(".legendtext", has_text="resampled: rejected mass")).to_have_count(1)
+        expect(fig.locator(".legendtext", has_text="emitted share")).to_have_count(1)
+        assert fig.locator("g.trace.bars g.point path").count() >= 20  # stacked p, and the draws against p
+    _shot_of(bad, "02_exactness_bad_drafter.png")
+    views = page.locator(".mtplab-cache-view")
+    expect(views).to_have_count(2, timeout=LONG)  # display(HTML(cache_view(rnd))) and the inspector's
+    for i in range(2):
+        view = views.nth(i)
+        expect(view).to_contain_text("after verify:")
+        expect(view).to_contain_text("after rollback:")
+        assert view.locator(".mtplab-cache-row").count() >= 4
+    print(f"02: cache rows kept {views.first.locator('.mtplab-cache-kept').count()}, dropped "
+          f"{views.first.locator('.mtplab-cache-dropped').count()}")
+    _shot_of(views.first, "02_cache_rollback.png")
+
+
+def _picture_checks_03(page):
+    """03: the verify-cost plot measured on this machine, and the two races (default drafter; layer-skip)."""
+    from playwright.sync_api import expect
+
+    cost = page.locator(".js-plotly-plot", has_text="One target pass over n tokens")
+    expect(cost).to_have_count(1, timeout=3 * LONG)
+    for name in ("F.linear (measured)", "v: what the decoder plans with", "Leviathan's model: 1 step"):
+        expect(cost.locator(".legendtext", has_text=name)).to_have_count(1)
+    assert cost.locator("g.trace.scatter g.points path").count() >= 16  # one marker per pass length 1..16
+    _shot_of(cost, "03_verify_cost.png")
+    races = page.locator(".mtplab-race")
+    expect(races).to_have_count(2, timeout=LONG)
+    for i in range(2):
+        _race_checks(races.nth(i))
+    expect(races.nth(1).locator(".lane.spec")).to_contain_text("layer-skip")
+    _shot_of(races.nth(1), "03_race_layer_skip.png")
+
+
+def _picture_checks_04(page):
+    """04: the drafter family table with the costs measured in the bench, and a real tree round with its mask."""
+    from playwright.sync_api import expect
+
+    family = page.locator("table.mtplab-family")
+    expect(family).to_have_count(1, timeout=3 * LONG)
+    expect(family.locator("tr.mtplab-family-row")).to_have_count(7)
+    measured = family.locator("tr.mtplab-family-row", has_text="mtplab MTP head").locator("td").nth(5).inner_text()
+    assert re.fullmatch(r"\d+\.\d\d", measured), f"mtp-head's c in the family table: {measured!r}"
+    tree = page.locator(".mtplab-tree")
+    expect(tree).to_have_count(1, timeout=2 * LONG)
+    nodes = tree.locator(".mtplab-tree-node").count()
+    rows = tree.locator("table.mtplab-tree-mask tr").count() - 1  # less the header
+    assert nodes >= 2 and rows == nodes + 1, (nodes, rows)  # one mask row per node and the pending token
+    assert tree.locator(".mtplab-mask-on").count() >= 2 * nodes + 1  # each node sees the pending token and itself
+    print(f"04: family c(mtp-head) = {measured}; tree of {nodes} nodes")
+    _shot_of(tree, "04_token_tree.png")
+
+
+@pytest.mark.parametrize("notebook", ["02_verification.ipynb", "03_draft_length_and_speedup.ipynb",
+                                      "04_drafters_compared.ipynb"])
+def test_core_notebook_pictures_in_jupyterlab(lab, browser, notebook):
+    """The pictures of the workshop's core notebooks, drawn from the real runs of Run All, in a real browser."""
+    base, token = lab
+    console_errors = []
+    ctx, page = _page(browser, console_errors)
+    t0 = time.monotonic()
+    try:
+        _open_and_run_all(page, base, token, notebook)
+        {"02": _picture_checks_02, "03": _picture_checks_03, "04": _picture_checks_04}[notebook[:2]](page)
+        print(f"{notebook}: browser checks took {time.monotonic() - t0:.1f} s")
+    finally:
+        _finish(ctx, console_errors, notebook[:2])
+        _shut_down_kernels(base, token)

@@ -43,6 +43,10 @@ def test_notebook_executes(path):
     if path.name.startswith("03_"):
         assert any("v: what the decoder plans with" in json.dumps(o["data"]) for o in outputs if o.get("data"))
         assert "On this machine a pass over 5 tokens costs" in text
+        assert re.search(r"layer-skip finished \d+ tokens in [\d.]+ s, plain \d+ in [\d.]+ s: (it lost|it won)", text)
+        races = [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})
+                 and "RaceView" in o["data"].get("text/plain", "")]
+        assert len(races) == 2, "the two races (the Playground's run, then layer-skip) against plain decoding"
     if path.name.startswith("04_"):
         shown = "".join(o["data"].get("text/html", "") for o in outputs if o.get("data"))
         assert shown.count("mtplab-family-row") == 7 and "mtplab-tree-mask" in shown  # the family, a real tree

@@ -30,6 +30,10 @@ def test_run_fills_views_round_by_round(pg):
     assert "identical to plain ✓" in pg.dashboard.metrics.value
     assert "measured speedup" in pg.dashboard.metrics.value
     assert list(pg.dashboard.traces[ACCEPTANCE].y) == trace.metrics.per_position_acceptance
+    # the race replays the timed run next to the plain run that timed it, on their own clocks
+    assert [(ln["key"], ln["seconds"]) for ln in pg.race.lanes] == [
+        ("plain", pg.plain.metrics.seconds), ("spec", trace.metrics.seconds)]
+    assert f"{mtplab.speedup(trace, pg.plain):.2f}× plain decoding" in pg.race.summary
 
 
 def test_auto_schedule_is_the_default_and_is_shown(pg):
@@ -71,12 +75,12 @@ def test_clicking_a_token_updates_the_inspector(pg):
 
 
 def test_bad_value_shows_inline_error_and_keeps_previous_trace(pg):
-    before, shown = pg.trace, list(pg.tokens.rounds)
+    before, shown, race = pg.trace, list(pg.tokens.rounds), list(pg.race.lanes)
     pg.top_p.value = 0.0
     pg.run()
     pg.wait(60)
     assert "top_p must be in (0, 1]" in pg.error.value and "last good result is kept" in pg.error.value
-    assert pg.trace is before and pg.tokens.rounds == shown
+    assert pg.trace is before and pg.tokens.rounds == shown and pg.race.lanes == race
     pg.top_p.value = 1.0
 
 

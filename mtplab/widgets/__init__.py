@@ -2,7 +2,8 @@
 from .dashboard import SpeedupDashboard
 from .inspector import RoundInspector
 from .playground import Playground
+from .race import RaceView
 from .theory_sim import TheorySimulator
 from .token_view import TokenView
 
-__all__ = ["Playground", "RoundInspector", "SpeedupDashboard", "TheorySimulator", "TokenView"]
+__all__ = ["Playground", "RaceView", "RoundInspector", "SpeedupDashboard", "TheorySimulator", "TokenView"]

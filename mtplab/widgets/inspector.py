@@ -74,7 +74,7 @@ def cache_view(rnd, show: int = 12) -> str:
         hidden = len(rows) - show
         rows = rows[-show:] if hidden > 0 else rows
         more = cell(f"+{hidden}", "ctx") if hidden > 0 else ""
-        return f"<div><b style='display:inline-block;width:9em'>{title}</b>{context}{more}{''.join(rows)}</div>"
+        return f"<div><b style='display:inline-block;width:11em'>{title}</b>{context}{more}{''.join(rows)}</div>"
 
     if rnd.tree_branches:  # a tree pass read every node; the rollback kept the followed branch's accepted rows
         after_verify = [cell("pending", "kept")] + [cell(f"node {i}", "ctx") for i in range(added - 1)]

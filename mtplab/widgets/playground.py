@@ -18,6 +18,7 @@ from ..models import Target
 from ..palette import COLORS
 from .dashboard import GAMMAS, SpeedupDashboard
 from .inspector import RoundInspector
+from .race import RaceView
 from .token_view import TokenView
 
 MTP_LABEL = registry.ENTRIES["mtp"].label
@@ -50,6 +51,7 @@ class Playground(W.VBox):
         self.tokens = TokenView()
         self.inspector = RoundInspector()
         self.dashboard = SpeedupDashboard()
+        self.race = RaceView()  # after a timed run: it and its plain baseline replayed side by side
         for cls, w in (("mtplab-draft-length", self.num_draft_tokens), ("mtplab-error", self.error),
                        ("mtplab-prompt", self.prompt), ("mtplab-drafter", self.drafter)):
             w.add_class(cls)
@@ -60,6 +62,7 @@ class Playground(W.VBox):
             W.HBox([self.drafter, self.num_draft_tokens, self.schedule]),
             W.HBox([self.temperature, self.top_k, self.top_p, self.seed, self.max_new_tokens]),
             W.HBox(list(self.buttons.values())), self.error, self.tokens, self.inspector, self.dashboard,
+            self.race,
         ])
         self.add_class("mtplab-playground")
 
@@ -119,6 +122,7 @@ class Playground(W.VBox):
             self.tokens.clear()
             self.inspector.clear()
             self.dashboard.clear()
+            self.race.clear()
             self.tokens.status = ctrl.status
         elif event == "rounds":
             trace = ctrl.shown
@@ -148,14 +152,17 @@ class Playground(W.VBox):
             self.tokens.clear()
             self.inspector.clear()
             self.dashboard.clear()
+            self.race.clear()
             return
         self.tokens.show_rounds(list(trace.rounds), dict(self.controller.marks))
         if not trace.rounds:
             self.dashboard.clear()
         elif plain is not None:
             self.dashboard.update(trace, plain, self.controller.verify_cost())
+            self.race.show(trace, plain)
         else:
             self.dashboard.update(trace)
+            self.race.clear()
 
     def _select(self, sel: dict) -> None:
         trace = self.controller.shown
