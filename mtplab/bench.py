@@ -21,7 +21,8 @@ from importlib import resources
 
 import torch
 
-from . import costs, kernels
+from . import costs, fastpath, kernels
+from .models import kernel_pass
 from .drafters.registry import NAMES
 from .trace import metrics_of, speedup_of
 
@@ -387,19 +388,28 @@ def cost_report(target, drafters=("mtp", "prompt-lookup"), layers: int | None = 
     if plan:
         lines += ["  " + line for line in plan.describe().splitlines()]
     rows = list(passes["plain"])
+    lean = fastpath.unsupported(target.model) is None
+    if lean:  # transformers' forward as it ships, timed interleaved with mtplab's lean one (both with F.linear)
+        both = kernels.measure_passes(target.model, kernel_pass(target.model), reps=reps, variants=("plain", "hf"),
+                                      contexts={"hf": lambda: fastpath.transformers_forward(target.model)})
+        passes = {**passes, "hf": {n: both["hf"][n] * step / both["plain"][1] for n in rows}}  # in this run's unit
     lines.append(f"target pass over n tokens, in one-token F.linear steps (median of {reps}, interleaved):")
-    lines.append("  n          " + " ".join(f"{n:>5}" for n in rows))
-    for name, label in (("plain", "F.linear"), ("tuned", "plan")):
+    lines.append("  n            " + " ".join(f"{n:>5}" for n in rows))
+    for name, label in (("hf", "transformers"), ("plain", "F.linear"), ("tuned", "plan")):
         if name in passes:
-            lines.append(f"  {label:<10} " + " ".join(f"{passes[name][n] / step:5.2f}" for n in rows))
+            lines.append(f"  {label:<12} " + " ".join(f"{passes[name][n] / step:5.2f}" for n in rows))
+    lines.append("  (transformers: its own forward; F.linear and plan: mtplab's lean forward, mtplab.fastpath)" if lean
+                 else f"  (mtplab calls transformers' forward: {fastpath.unsupported(target.model)})")
     if plan:
-        lines.append("  used       " + " ".join(f"{'plan' if plan.engaged(n) else 'F.lin':>5}" for n in rows))
+        lines.append("  used         " + " ".join(f"{'plan' if plan.engaged(n) else 'F.lin':>5}" for n in rows))
     v = costs.verify_curve(target)
     used_step = step * v[0] if not plan or not plan.engaged(1) else passes["tuned"][1]
     roof = costs.roofline_seconds(target)
     lines.append(f"plain decoding: {1 / used_step:.1f} tokens/s ({1e3 * used_step:.1f} ms a step); fp32 memory "
                  f"roofline {1e3 * roof:.1f} ms ({kernels.parameter_bytes(target.model) / 1e6:.0f} MB at "
-                 f"{costs.memory_bandwidth() / 1e9:.1f} GB/s): a step takes {used_step / roof:.2f}x the roofline")
+                 f"{costs.memory_bandwidth() / 1e9:.1f} GB/s): a step takes {used_step / roof:.2f}x the roofline"
+                 + (f" (transformers' own forward: {1e3 * passes['hf'][1]:.1f} ms, {passes['hf'][1] / roof:.2f}x)"
+                    if "hf" in passes else ""))
     lines.append("draft cost c (seconds per drafted token / one-token step) and the γ auto drafts at acceptance α:")
     for name in drafters:
         if name == "none" or name not in registry.names(target):

@@ -56,7 +56,7 @@ MAX_ROWS = 16  # row counts 1..MAX_ROWS are tuned; more rows (prefill, training)
 COPY_BUDGET = 0.30  # extra weight copies may add at most this share of the model's parameter memory
 SMALL_MODEL_BYTES = 16 << 20  # below this the weights sit in the CPU cache: nothing to gain, nothing is tuned
 MODES = ("auto", "off")
-FORMAT = 1  # bump when the candidates or the timing method change: old measurements are then ignored
+FORMAT = 2  # (2: passes through mtplab.fastpath) bump when the candidates or the timing method change: old measurements are then ignored
 
 
 def mode() -> str:
@@ -516,10 +516,11 @@ def without_plan(model: nn.Module):
 
 
 def measure_passes(model: nn.Module, run_pass: Callable[[int], None], rows=range(1, MAX_ROWS + 1), reps: int = 3,
-                   variants=("tuned", "plain"), progress: bool = True) -> dict:
+                   variants=("tuned", "plain"), progress: bool = True, contexts: dict | None = None) -> dict:
     """Median seconds of ``run_pass(n)`` for each n: ``{variant: {n: seconds}}``, ``"tuned"`` with the model's plan
-    (for every row count), ``"plain"`` without. Interleaved: every repetition runs every size and variant once, so a
-    slow moment of the machine hits them all alike."""
+    (for every row count), ``"plain"`` without; any other variant runs without the plan inside
+    ``contexts[variant]()``. Interleaved: every repetition runs every size and variant once, so a slow moment of the
+    machine hits them all alike."""
     from tqdm.auto import tqdm
 
     rows = list(rows)
@@ -535,7 +536,8 @@ def measure_passes(model: nn.Module, run_pass: Callable[[int], None], rows=range
             for _ in range(reps):
                 for n in rows:
                     for v in variants:
-                        with without_plan(model) if v == "plain" else nullcontext():
+                        with without_plan(model) if v != "tuned" else nullcontext(), \
+                                (contexts or {}).get(v, nullcontext)():
                             t0 = time.perf_counter()
                             run_pass(n)
                             times[v, n].append(time.perf_counter() - t0)

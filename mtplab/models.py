@@ -20,7 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from . import kernels
+from . import fastpath, kernels
 from .paths import cache_home
 
 BUNDLED_NAME = "SmolLM2-135M-Instruct"
@@ -222,9 +222,12 @@ def forward(model, ids: list, cache: DynamicCache, hidden: bool = False, logits:
     :class:`last_hidden` (``True``: the last ones, ``[n, H]``; layer ids: those layers' inputs, ``[n, ids * H]``).
 
     ``tree`` (a :class:`mtplab.tree.TokenTree`): ``ids`` are the pending token and the tree's nodes, fed with the
-    tree's positions and attention mask instead of as a chain."""
-    x = torch.tensor([ids], dtype=torch.long, device=model.device)
-    extra = {}
+    tree's positions and attention mask instead of as a chain.
+
+    Llama-architecture models take :func:`mtplab.fastpath.forward` (the same modules and maths without
+    transformers' per-call machinery); others are called as transformers ships them."""
+    grab = last_hidden(model, hidden)  # (checks the layer ids for both paths)
+    positions = sees = None
     if tree is not None:
         from .tree import check_cache, tree_inputs
 
@@ -234,12 +237,19 @@ def forward(model, ids: list, cache: DynamicCache, hidden: bool = False, logits:
             raise NotImplementedError(f"tree drafts need a custom attention mask, which {impl!r} attention does not "
                                       "take: load the target with attn_implementation='sdpa', or draft a chain")
         positions, sees = tree_inputs(tree, cache.get_seq_length(), model.device)
-        dtype = model.get_input_embeddings().weight.dtype  # an additive mask: 0 where a row may look, -inf-ish not
-        mask = torch.zeros(sees.shape, dtype=dtype, device=model.device).masked_fill(~sees, torch.finfo(dtype).min)
-        extra["position_ids"], extra["attention_mask"] = positions, mask
-    with kernels.use(model, len(ids)), last_hidden(model, hidden) as got:
-        out = model(input_ids=x, **{_cache_keyword(model): cache}, use_cache=True, logits_to_keep=0 if logits else 1,
-                    **got.kwargs, **extra)
+    with kernels.use(model, len(ids)):
+        if fastpath.unsupported(model) is None:
+            return fastpath.forward(model, ids, cache, hidden, logits, positions, sees)
+        extra = {}
+        if tree is not None:
+            dtype = model.get_input_embeddings().weight.dtype  # an additive mask: 0 where a row may look, -inf-ish not
+            extra["position_ids"] = positions
+            extra["attention_mask"] = torch.zeros(sees.shape, dtype=dtype, device=model.device).masked_fill(
+                ~sees, torch.finfo(dtype).min)
+        x = torch.tensor([ids], dtype=torch.long, device=model.device)
+        with grab as got:
+            out = model(input_ids=x, **{_cache_keyword(model): cache}, use_cache=True,
+                        logits_to_keep=0 if logits else 1, **got.kwargs, **extra)
     return out.logits[0], (got.hidden(out)[0] if hidden else None)
 
 

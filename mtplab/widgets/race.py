@@ -12,7 +12,7 @@ from pathlib import Path
 import anywidget
 import traitlets
 
-from ..palette import COLORS, kind_css
+from ..palette import COLORS, kind_css, tint
 from ..trace import Trace, speedup
 
 HERE = Path(__file__).parent
@@ -25,7 +25,9 @@ def race_css() -> str:
     return ((HERE / "race.css").read_text() + kind_css(SCOPE)
             + f"{SCOPE} .lane.spec .bar {{ background: {COLORS['accepted']}; }}\n"
             + f"{SCOPE} .lane.plain .bar {{ background: {COLORS['muted']}; }}\n"
-            + f"{SCOPE} .summary, {SCOPE} .clock {{ color: {COLORS['muted']}; }}\n")
+            + f"{SCOPE} .summary, {SCOPE} .clock {{ color: {COLORS['muted']}; }}\n"
+            + f"{SCOPE} .lane, {SCOPE} .lane .pass {{ border-color: {COLORS['rule']}; }}\n"
+            + f"{SCOPE} .lane .track {{ background: {tint(COLORS['rule'])}; }}\n")
 
 
 def lane(trace: Trace, name: str, key: str) -> dict:
