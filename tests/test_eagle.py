@@ -220,31 +220,6 @@ def test_the_trainer_refuses_mixed_heads_and_other_runs(trained, tmp_path):
         train_on_sequences(target, seqs, tmp_path, heads=[dict(kind="eagle3", layers=3)], **QUIET)
 
 
-def test_an_interrupted_eagle_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
-    import mtplab.train as train
-
-    run = dict(heads=["eagle3"], draft_vocab_size=40, steps=8, batch_size=4, val_size=2, log_every=4,
-               checkpoint_every=4, progress=False, log=lambda *_: None)
-    target = tiny(vocab_size=64, seed=0)
-    seqs = sampled_sequences(target, 20, 20)
-    whole = train_on_sequences(target, seqs, tmp_path / "whole", **run)[0]
-    real, calls = train._teacher, []
-
-    def cut_off(*args):  # target passes: 4 training steps, 1 validation, then step 5's
-        calls.append(1)
-        if len(calls) == 6:
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(train, "_teacher", cut_off)
-    with pytest.raises(KeyboardInterrupt):
-        train_on_sequences(target, seqs, tmp_path / "cut", **run)
-    monkeypatch.setattr(train, "_teacher", real)
-    again = train_on_sequences(target, seqs, tmp_path / "cut", **run)[0]
-    for a, b in zip(whole.head.state_dict().values(), again.head.state_dict().values()):
-        assert torch.equal(a, b)  # the same batches, schedule and optimizer state: the same weights
-
-
 @pytest.mark.slow
 def test_greedy_eagle_equals_plain_on_the_bundled_target(bundled):
     """A fresh EAGLE-3 head over layers 2, 15 and 27 of the bundled 30-layer target: whatever it drafts, the output

@@ -309,27 +309,32 @@ RUN = dict(heads=((1, 32),), draft_vocab_size=40, steps=12, batch_size=4, val_si
            checkpoint_every=4, progress=False)
 
 
-def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["mtp", "eagle3"])
+def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch, kind):
+    """Cut after step 9 (MTP heads) or 5 (an EAGLE-3 head) of 12: the resumed run ends with the same weights and
+    history as the uninterrupted one (same batches, schedule and optimizer state), for both kinds of head."""
     import mtplab.train as train
 
+    run = RUN if kind == "mtp" else dict(RUN, heads=["eagle3"])
+    cut = 11 if kind == "mtp" else 6  # target passes: 4 training steps, 1 validation, (4 steps, 1 validation,) 1 more
     target = tiny(vocab_size=64, seed=0)
     seqs = sampled_sequences(target, 20, 20)
-    whole = train_on_sequences(target, seqs, tmp_path / "whole", log=lambda *_: None, **RUN)[0]
+    whole = train_on_sequences(target, seqs, tmp_path / "whole", log=lambda *_: None, **run)[0]
     real, calls = train._teacher, []
 
-    def cut_off(*args):  # target passes: 4 training steps, 1 validation, 4 steps, 1 validation, then step 9's
+    def cut_off(*args):
         calls.append(1)
-        if len(calls) == 11:
+        if len(calls) == cut:
             raise KeyboardInterrupt
         return real(*args)
 
     monkeypatch.setattr(train, "_teacher", cut_off)
     with pytest.raises(KeyboardInterrupt):
-        train_on_sequences(target, seqs, tmp_path / "cut", log=lambda *_: None, **RUN)
+        train_on_sequences(target, seqs, tmp_path / "cut", log=lambda *_: None, **run)
     monkeypatch.setattr(train, "_teacher", real)
     lines = []
-    again = train_on_sequences(target, seqs, tmp_path / "cut", log=lines.append, **RUN)[0]
-    assert lines[0] == "resuming from step 8 of 12"
+    again = train_on_sequences(target, seqs, tmp_path / "cut", log=lines.append, **run)[0]
+    assert lines[0] == f"resuming from step {8 if kind == 'mtp' else 4} of 12"
     for a, b in zip(whole.head.state_dict().values(), again.head.state_dict().values()):
         assert torch.equal(a, b)  # the same batches, schedule and optimizer state: the same weights
     drop = lambda history: [{k: v for k, v in h.items() if k != "seconds"} for h in history]
