@@ -2,17 +2,18 @@
 its per-call machinery.
 
 A one-token step of a small model on a CPU reads every weight once; the matrix products doing that run close to the
-memory roofline. What else a step costs is Python: transformers' forward goes through keyword plumbing, decorators,
-the attention-interface lookup, mask building and output records in every layer. Profiled on the bundled 135M
-target (Intel Xeon, 2 cores) that was a quarter of a step. :func:`forward` walks the same modules with the same
-formulas (each norm, projection, MLP and the rotary embedding is the model's own module, called directly; the
-attention is the SDPA call transformers makes; keys and values go into the same cache through ``cache.update``), so
-caches, rollback, drafters and hooks-free hidden-state reads work unchanged and the logits equal transformers' to
-float rounding (tested, with greedy output equal to ``model.generate``).
+memory roofline. The rest of a step is Python and small ops: transformers' forward adds keyword plumbing,
+decorators, the attention-interface lookup, mask building and output records in every layer. On the bundled 135M
+target (Intel Xeon, 2 cores) about a quarter of a step was outside the products; this path saved 3-9 ms of a
+38-50 ms step (README, "Speed on the machine at hand"). :func:`forward` walks the same modules with the same formulas
+(each norm, projection, MLP and the rotary embedding is the model's own module; the attention is the SDPA call
+transformers makes; keys and values go into the same cache through ``cache.update``), so caches, rollback, drafters
+and hidden-state reads work unchanged, and the logits equal transformers' bit for bit (tests/test_fastpath.py).
 
 :func:`unsupported` says why a model does not take this path (then :func:`mtplab.models.forward` calls the model as
 transformers ships it): another architecture, a rotary embedding that changes with the input length, an attention
-implementation other than SDPA/eager, training mode, ``MTPLAB_KERNELS=off`` (transformers exactly as it ships) or a :func:`transformers_forward` block.
+implementation other than SDPA/eager, training mode, ``MTPLAB_KERNELS=off`` (transformers exactly as it ships) or a
+:func:`transformers_forward` block.
 """
 from __future__ import annotations
 
