@@ -40,11 +40,9 @@ def tree_bytes() -> int:
 
 
 def sha256(path: Path) -> str:
-    h = hashlib.sha256()
+    """(mtplab.models._sha256 cannot be imported here: ``assemble`` runs before mtplab's transformers is there.)"""
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def pinned() -> tuple:
