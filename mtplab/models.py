@@ -185,7 +185,7 @@ class GrowingLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         n, new = self.get_seq_length(), key_states.shape[-2]
         buf = getattr(self, "_kbuf", None)
-        if buf is None or self.keys._base is not buf or n + new > buf.shape[-2]:  # (re)allocate, keeping the rows
+        if buf is None or not _views_start(self.keys, buf) or n + new > buf.shape[-2]:  # (re)allocate, keeping rows
             room = max(64, 2 * (n + new))
             kbuf = key_states.new_empty(*key_states.shape[:-2], room, key_states.shape[-1])
             vbuf = value_states.new_empty(*value_states.shape[:-2], room, value_states.shape[-1])
@@ -200,6 +200,13 @@ class GrowingLayer(DynamicLayer):
     def reset(self) -> None:
         self._kbuf = self._vbuf = None
         super().reset()
+
+
+def _views_start(rows: torch.Tensor, buf: torch.Tensor) -> bool:
+    """Whether ``rows`` is still the leading slice of ``buf`` that :class:`GrowingLayer` made (compared by address:
+    under ``torch.inference_mode`` a view does not record its ``_base``; checking that made every step copy the
+    whole cache)."""
+    return rows.data_ptr() == buf.data_ptr()
 
 
 def new_cache(model) -> DynamicCache:

@@ -103,3 +103,29 @@ def test_user_model_is_untouched_by_the_lean_path(tmp_path):
     assert torch.equal(target.model.generate(x, max_new_tokens=6, do_sample=False), before)
     assert not target.model._forward_hooks and not any(m._forward_pre_hooks for m in target.model.modules())
     pickle.loads(pickle.dumps(target.model))
+
+
+@pytest.mark.parametrize("grad_mode", [torch.inference_mode, torch.no_grad])
+def test_cache_appends_in_place_across_steps_and_rollbacks(grad_mode):
+    """A step writes its rows into the cache's buffer and a rollback only shortens the views; the whole cache is
+    copied only when the buffer is full. (Under inference_mode a view has no ``_base``: checking it made every step
+    copy the whole cache.) The contents equal a fresh prefill of the same tokens."""
+    model = mtplab.tiny_random_target(vocab_size=64, seed=0, num_layers=2).model
+    ids = [(3 + 7 * i) % 64 for i in range(40)]
+    with grad_mode():
+        cache = new_cache(model)
+        forward(model, ids[:20], cache)
+        buffers = [layer.keys.data_ptr() for layer in cache.layers]
+        room = cache.layers[0]._kbuf.shape[-2]
+        for n in range(20, 36, 4):  # verify 4 tokens, keep 3, then a one-token step
+            forward(model, ids[n:n + 4], cache)
+            crop_cache(cache, n + 3)
+            forward(model, [ids[n + 3]], cache)
+        assert cache.get_seq_length() == 36 <= room
+        assert [layer.keys.data_ptr() for layer in cache.layers] == buffers, "the cache was copied"
+        assert all(layer.values.data_ptr() == layer._vbuf.data_ptr() for layer in cache.layers)
+        fresh = new_cache(model)
+        forward(model, ids[:36], fresh)
+    for a, b in zip(cache.layers, fresh.layers):
+        torch.testing.assert_close(a.keys, b.keys)
+        torch.testing.assert_close(a.values, b.values)
