@@ -85,13 +85,13 @@ def forward(model, ids: list, cache, hidden=False, logits: bool = True, position
     where a row may attend) replace the chain's positions and causal mask (token trees)."""
     decoder = model.model
     n, past = len(ids), cache.get_seq_length()
-    x = decoder.embed_tokens(torch.tensor([ids], dtype=torch.long, device=model.device))
+    x = decoder.embed_tokens(torch.tensor(ids, dtype=torch.long, device=model.device))  # [n, hidden]: no batch axis
     if positions is None:
         positions = torch.arange(past, past + n, device=x.device)[None]
         if n > 1:  # row i sees the context and the chain up to itself
             sees = torch.ones(n, past + n, dtype=torch.bool, device=x.device).tril(past)[None, None]
     cos, sin = decoder.rotary_emb(x, positions)
-    cos, sin, half = cos[:, None], sin[:, None], cos.shape[-1] // 2  # apply_rotary_pos_emb's broadcast, made once
+    cos, sin, half = cos[0], sin[0], cos.shape[-1] // 2  # [n, head_dim], broadcast over heads
     wanted = list(hidden) if isinstance(hidden, (list, tuple)) else []
     grabbed = {}
     for i, layer in enumerate(decoder.layers):
@@ -99,22 +99,22 @@ def forward(model, ids: list, cache, hidden=False, logits: bool = True, position
             grabbed[i] = x
         attn, mlp = layer.self_attn, layer.mlp
         h = _norm(layer.input_layernorm, x)
-        q = attn.q_proj(h).view(1, n, -1, attn.head_dim)
-        k = attn.k_proj(h).view(1, n, -1, attn.head_dim)
-        v = attn.v_proj(h).view(1, n, -1, attn.head_dim).transpose(1, 2)
-        qk = torch.cat((q, k), dim=2).transpose(1, 2)  # apply_rotary_pos_emb's formula, on queries and keys at once
+        q = attn.q_proj(h).view(n, -1, attn.head_dim)
+        k = attn.k_proj(h).view(n, -1, attn.head_dim)
+        v = attn.v_proj(h).view(n, -1, attn.head_dim).transpose(0, 1)
+        qk = torch.cat((q, k), dim=1).transpose(0, 1)  # apply_rotary_pos_emb's formula, on queries and keys at once
         qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
-        q, k = qk.split((q.shape[2], k.shape[2]), dim=1)
-        k, v = cache.update(k, v, i)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=sees, scale=attn.scaling,
+        q, k = qk.split((q.shape[1], k.shape[1]), dim=0)
+        k, v = cache.update(k[None], v[None], i)
+        o = F.scaled_dot_product_attention(q[None], k, v, attn_mask=sees, scale=attn.scaling,
                                            enable_gqa=attn.num_key_value_groups > 1)
-        x = x + attn.o_proj(o.transpose(1, 2).reshape(1, n, -1))
+        x = x + attn.o_proj(o[0].transpose(0, 1).reshape(n, -1))
         h = _norm(layer.post_attention_layernorm, x)
         x = x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
     if len(decoder.layers) in wanted:  # the last layer's output, before the final norm
         grabbed[len(decoder.layers)] = x
     normed = decoder.norm(x)
-    out = model.lm_head(normed if logits else normed[:, -1:])[0]
+    out = model.lm_head(normed if logits else normed[-1:])
     if wanted:
-        return out, torch.cat([grabbed[i] for i in wanted], dim=-1)[0]
-    return out, (normed[0] if hidden else None)
+        return out, torch.cat([grabbed[i] for i in wanted], dim=-1)
+    return out, (normed if hidden else None)
