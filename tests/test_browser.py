@@ -33,6 +33,7 @@ NOTEBOOK = "01_quickstart.ipynb"
 CHROMIUM_PATHS = ("/usr/lib/chromium/chromium", "/usr/bin/chromium")  # the real binary first (the wrapper warns)
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
+STALL = 2.5  # s: how late a race lane may cross its line on a loaded machine (a delayed page tick)
 LONG = 120_000  # ms: the machine is slow (2 CPUs shared), and the first plotly FigureWidget alone takes seconds
 
 
@@ -175,12 +176,14 @@ def _race_checks(race) -> None:
         finished_at = float(lane.get_attribute("data-finished-at"))
         assert lane.locator(".text .tok").count() == tokens > 0
         assert lane.locator(".text .pass").count() == passes
-        assert seconds <= finished_at < seconds + 1.0, (key, seconds, finished_at)  # on its own recorded pace
+        # on its own recorded pace (the page ticks every 20 ms; a loaded machine may stall a tick for a while)
+        assert seconds <= finished_at < seconds + STALL, (key, seconds, finished_at)
         lanes[key] = (seconds, tokens, passes, finished_at)
     plain, spec = lanes["plain"], lanes["spec"]
     assert plain[1] == plain[2], "plain decoding emits one token per pass"
     assert spec[2] < spec[1], "the speculative run emitted several tokens in some pass"
-    assert (spec[3] < plain[3]) == (spec[0] < plain[0]), "the run that took less time finishes first"
+    first, second = (spec, plain) if spec[0] < plain[0] else (plain, spec)
+    assert first[3] <= second[3], "the run that took less time finishes first (or in the same tick)"
     summary = race.locator(".summary").inner_text()
     assert re.search(r"→ \d+\.\d\d× plain decoding, (faster|slower) on this machine", summary), summary
     print(f"race: plain {plain}, spec {spec}; {summary!r}")
