@@ -10,7 +10,7 @@ target (Intel Xeon, 2 cores) about a quarter of a step was outside the products;
 ``rms_norm``, the same arithmetic in one op instead of six; the rotation is applied to queries and keys together;
 the attention is the SDPA call transformers makes; keys and values go into the same cache through ``cache.update``),
 so caches, rollback, drafters and hidden-state reads work unchanged, and the logits equal transformers' bit for bit
-(tests/test_fastpath.py). Hooks on the linear layers run; hooks on whole layers and attention modules do not.
+(tests/test_fastpath.py). Hooks on the linear layers run; hooks on norms, whole layers and attention modules do not.
 
 :func:`unsupported` says why a model does not take this path (then :func:`mtplab.models.forward` calls the model as
 transformers ships it): another architecture, a rotary embedding that changes with the input length, an attention
