@@ -56,7 +56,8 @@ MAX_ROWS = 16  # row counts 1..MAX_ROWS are tuned; more rows (prefill, training)
 COPY_BUDGET = 0.30  # extra weight copies may add at most this share of the model's parameter memory
 SMALL_MODEL_BYTES = 16 << 20  # below this the weights sit in the CPU cache: nothing to gain, nothing is tuned
 MODES = ("auto", "off")
-FORMAT = 3  # bump when the candidates or the timing method change: old measurements are then ignored (2: fastpath, 3: in-place KV cache)
+# bump when the candidates or the timing method change: old measurements are then ignored
+FORMAT = 3  # (2: the lean forward, 3: the KV cache appending in place)
 
 
 def mode() -> str:
