@@ -83,6 +83,8 @@ def forward(model, ids: list, cache, hidden=False, logits: bool = True, position
     ``(logits [n, V] (the last row only when ``logits`` is False), hidden states or None)`` as
     :func:`mtplab.models.forward` does. ``positions`` ``[1, n]`` and ``sees`` (boolean ``[1, 1, n, past + n]``: True
     where a row may attend) replace the chain's positions and causal mask (token trees)."""
+    from transformers.models.llama.modeling_llama import rotate_half
+
     decoder = model.model
     n, past = len(ids), cache.get_seq_length()
     x = decoder.embed_tokens(torch.tensor(ids, dtype=torch.long, device=model.device))  # [n, hidden]: no batch axis
@@ -91,7 +93,7 @@ def forward(model, ids: list, cache, hidden=False, logits: bool = True, position
         if n > 1:  # row i sees the context and the chain up to itself
             sees = torch.ones(n, past + n, dtype=torch.bool, device=x.device).tril(past)[None, None]
     cos, sin = decoder.rotary_emb(x, positions)
-    cos, sin, half = cos[0], sin[0], cos.shape[-1] // 2  # [n, head_dim], broadcast over heads
+    cos, sin = cos[0], sin[0]  # [n, head_dim], broadcast over heads
     wanted = list(hidden) if isinstance(hidden, (list, tuple)) else []
     grabbed = {}
     for i, layer in enumerate(decoder.layers):
@@ -103,7 +105,7 @@ def forward(model, ids: list, cache, hidden=False, logits: bool = True, position
         k = attn.k_proj(h).view(n, -1, attn.head_dim)
         v = attn.v_proj(h).view(n, -1, attn.head_dim).transpose(0, 1)
         qk = torch.cat((q, k), dim=1).transpose(0, 1)  # apply_rotary_pos_emb's formula, on queries and keys at once
-        qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
+        qk = qk * cos + rotate_half(qk) * sin
         q, k = qk.split((q.shape[1], k.shape[1]), dim=0)
         k, v = cache.update(k[None], v[None], i)
         o = F.scaled_dot_product_attention(q[None], k, v, attn_mask=sees, scale=attn.scaling,
