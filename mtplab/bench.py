@@ -265,9 +265,9 @@ def run_bench(target=None, prompts=None, max_new_tokens: int = 64, gammas=(1, 2,
     from .drafters import registry
     from .models import Target, load_target
 
-    unknown = [d for d in drafters if d not in DRAFTERS]
+    unknown = [d for d in drafters if d not in DRAFTERS and not registry.is_folder(d)]
     if unknown:
-        raise ValueError(f"drafters must be chosen from {DRAFTERS}, got {unknown}")
+        raise ValueError(f"drafters must be chosen from {DRAFTERS} or be folders of trained drafters, got {unknown}")
     if not gammas or not temperatures:
         raise ValueError("gammas and temperatures must be non-empty")
     texts = _prompt_texts(prompts)
@@ -412,7 +412,7 @@ def cost_report(target, drafters=("mtp", "prompt-lookup"), layers: int | None = 
                     if "hf" in passes else ""))
     lines.append("draft cost c (seconds per drafted token / one-token step) and the γ auto drafts at acceptance α:")
     for name in drafters:
-        if name == "none" or name not in registry.names(target):
+        if name == "none" or not (name in registry.names(target) or registry.is_folder(name)):
             continue
         c = draft_cost(registry.make(name, target, layers), target, refresh=True)
         picks = "  ".join(f"α={a}: γ={theory.best_draft_length([a] * 8, c, v)[0]}" for a in (0.3, 0.5, 0.7, 0.9))

@@ -75,6 +75,18 @@ def cmd_run(args) -> None:
         print(f"trace written to {args.json}", file=out)
 
 
+def _drafter_arg(choices):
+    """An argparse type: one of ``choices`` or a folder holding a trained drafter (``mtplab train-drafter --out``)."""
+    def check(value: str) -> str:
+        from .drafters.registry import is_folder
+
+        if value in choices or is_folder(value):
+            return value
+        raise argparse.ArgumentTypeError(f"{value!r} is neither a drafter ({', '.join(choices)}) nor a folder "
+                                         "holding a trained drafter")
+    return check
+
+
 QUICK = dict(prompts=3, max_new_tokens=32, gammas=[2, 4], temperatures=[0.0])
 BENCH_DEFAULTS = dict(prompts=None, max_new_tokens=64, gammas=[1, 2, 4, 8], temperatures=[0.0, 0.7])
 
@@ -169,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="decode a prompt, showing accepted / rejected drafted tokens as they come")
     run.add_argument("prompt")
-    run.add_argument("--drafter", choices=NAMES, default="mtp")
+    run.add_argument("--drafter", type=_drafter_arg(NAMES), default="mtp", metavar="NAME_OR_DIR",
+                     help=f"one of {', '.join(NAMES)}, or a trained drafter's folder (default: mtp)")
     run.add_argument("-k", "--num-draft-tokens", dest="k", type=int, default=4,
                      help="draft length γ (default 4; with --schedule auto the most it may draft)")
     run.add_argument("--schedule", choices=SCHEDULES, default="auto",
@@ -191,7 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-new-tokens", type=int)
     bench.add_argument("--gammas", type=int, nargs="+")
     bench.add_argument("--temperatures", type=float, nargs="+")
-    bench.add_argument("--drafters", nargs="+", choices=DRAFTERS, default=list(DRAFTERS))
+    bench.add_argument("--drafters", nargs="+", type=_drafter_arg(DRAFTERS), default=list(DRAFTERS),
+                       metavar="NAME_OR_DIR", help=f"any of {', '.join(DRAFTERS)}, or trained drafters' folders "
+                       "(default: all names)")
     bench.add_argument("--prompts", type=int, metavar="N", help="use the first N shipped prompts")
     bench.add_argument("--layers", type=int, default=None,
                        help="layer-skip exit layer / draft-model depth (default: 2/5 of the target's layers)")

@@ -112,3 +112,32 @@ def test_bench_rows_and_cost_report_on_the_bundled_model(bundled):
     assert "prompt-lookup" in format_table(rows)
     text = cost_report(bundled, drafters=("prompt-lookup",), reps=1)
     assert text.startswith("machine: ") and "roofline" in text and "prompt-lookup  c = " in text
+
+
+@pytest.mark.slow
+def test_a_trained_drafters_folder_is_a_drafter_name(no_color, capsys, tmp_path, bundled):
+    """`mtplab run --drafter DIR` (and `bench --drafters DIR`) take a trained drafter's folder: here an untrained
+    EAGLE-3 head saved for the bundled target. Greedy output is the plain text whatever it drafts; a path that
+    is not a folder is refused with the allowed names."""
+    import torch
+
+    from mtplab.drafters import registry
+    from mtplab.drafters.eagle import Eagle3Drafter, Eagle3Head
+    from mtplab.trace import Trace
+
+    torch.manual_seed(0)
+    folder = Eagle3Drafter(Eagle3Head.for_target(bundled.model.config)).save(tmp_path / "head0", target=bundled.name)
+    assert registry.is_folder(str(folder)) and not registry.is_folder("mtp")
+    assert type(registry.make(str(folder), bundled)) is Eagle3Drafter
+    prompt = ["run", "Name three colours.", "--max-new-tokens", "12", "--schedule", "constant", "-k", "3"]
+    assert main([*prompt, "--drafter", "none", "--json", str(tmp_path / "plain.json")]) == 0
+    assert main([*prompt, "--drafter", str(folder), "--json", str(tmp_path / "head.json")]) == 0
+    plain, head = (Trace.from_json((tmp_path / f"{n}.json").read_text()) for n in ("plain", "head"))
+    assert head.config["drafter"] == "eagle3" and len(head.rounds[0].draft_ids) == 3
+    assert head.token_ids == plain.token_ids and len(plain.token_ids) == 12
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["run", "hello", "--drafter", str(tmp_path / "missing")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "missing" in err and "prompt-lookup" in err and "Traceback" not in err

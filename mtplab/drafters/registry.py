@@ -2,10 +2,13 @@
 
 ``make(name, target, **options)`` builds one; ``label(name, target)`` is how a view shows it; ``names(target)``
 lists those that work offline for that target (the shipped MTP drafters exist for the bundled target only).
+Besides the names, a folder holding a trained drafter (``mtplab train-drafter --out DIR`` writes ``DIR/head0``) is
+accepted wherever a drafter name is, so a new head is benchmarked exactly like the shipped ones.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from .base import Drafter
@@ -72,9 +75,14 @@ ENTRIES = {e.name: e for e in [
 NAMES = tuple(ENTRIES)
 
 
+def is_folder(name) -> bool:
+    """Whether ``name`` is not a drafter name but a folder (a trained drafter's, for :func:`make`)."""
+    return name not in ENTRIES and Path(str(name)).is_dir()
+
+
 def _check(name) -> Entry:
     if name not in ENTRIES:
-        raise ValueError(f"drafter must be one of {NAMES}, got {name!r}")
+        raise ValueError(f"drafter must be one of {NAMES} or a folder holding a trained drafter, got {name!r}")
     return ENTRIES[name]
 
 
@@ -87,7 +95,11 @@ def names(target) -> list:
 
 def make(name: str, target, layers: int | None = None) -> Drafter | None:
     """Build drafter ``name`` for ``target`` (``layers``: layer-skip exit / draft-model depth, default
-    :func:`default_layers`)."""
+    :func:`default_layers`); ``name`` may be a trained drafter's folder (:func:`mtplab.load_drafter` reads it)."""
+    if is_folder(name):
+        from .mtp import load_drafter
+
+        return load_drafter(name, target)
     entry = _check(name)
     return entry.build(target, default_layers(target) if layers is None else layers)
 
