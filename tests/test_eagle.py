@@ -210,6 +210,20 @@ def test_bad_targets_and_states_are_refused(trained):
         drafter.propose(PROMPT, 2, SamplingConfig(), torch.Generator())
 
 
+def test_bfloat16_training_lowers_the_loss_and_bad_precision_is_refused(trained, tmp_path):
+    """precision="bfloat16": the teacher pass and the head under autocast (the fast path on AMX CPUs) still
+    learn; the saved drafter is float16 as always. A precision outside the list is refused."""
+    target, seqs, _, _ = trained
+    drafter = train_on_sequences(target, seqs, tmp_path / "bf16", heads=["eagle3"], draft_vocab_size=48, steps=60,
+                                 batch_size=8, lr=3e-3, val_size=6, log_every=20, checkpoint_every=60,
+                                 precision="bfloat16", **QUIET)[0]
+    first, last = drafter.history[0], drafter.history[-1]
+    assert last["val_loss"] < first["val_loss"] - 0.1, (first, last)
+    assert all(p.dtype == torch.float32 for p in drafter.head.parameters())
+    with pytest.raises(ValueError, match=r"precision must be one of \('auto', 'float32', 'bfloat16'\), got 'half'"):
+        train_on_sequences(target, seqs, tmp_path / "x", heads=["eagle3"], precision="half", **QUIET)
+
+
 def test_the_trainer_refuses_mixed_heads_and_other_runs(trained, tmp_path):
     target, seqs, out, _ = trained
     with pytest.raises(ValueError, match="must read the same target hidden states"):
