@@ -247,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int, default=8, help="sequences per step (the target runs on each batch)")
     train.add_argument("--lr", type=float, default=2e-3)
     train.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="float32",
-                       help="arithmetic of training (auto: bfloat16 autocast where this CPU runs it clearly faster, e.g. AMX: about 2x)")
+                       help="arithmetic of training (auto: bfloat16 autocast where this CPU runs it clearly "
+                       "faster, e.g. AMX: 1.6-1.9x)")
     train.set_defaults(func=cmd_train_drafter)
 
     export = sub.add_parser("export-drafter", help="write an EAGLE-3 drafter as a speculators checkpoint for vLLM",

@@ -44,7 +44,8 @@ ap.add_argument("--steps", type=int, default=20000)
 ap.add_argument("--draft-vocab", type=int, default=8192)
 ap.add_argument("--lr", type=float, default=2e-3)
 ap.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="float32",
-                help="training arithmetic (auto: bfloat16 autocast where this CPU runs it clearly faster, e.g. AMX: about 2x)")
+                help="training arithmetic (auto: bfloat16 autocast where this CPU runs it clearly faster, "
+                "e.g. AMX: 1.6-1.9x)")
 ap.add_argument("--restart", action="store_true", help="continue training from OUT/train with a fresh schedule")
 args = ap.parse_args()
 
