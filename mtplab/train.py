@@ -404,8 +404,9 @@ def train_on_sequences(target, sequences, out_dir, *, heads=((2, None),), draft_
 
     embed = model.get_input_embeddings()
     bf16 = precision == "bfloat16" or (precision == "auto" and bf16_pays(device, hidden_size))
-    log(f"precision: {'bfloat16 (autocast)' if bf16 else 'float32'}"
-        + (" (auto: measured on this machine)" if precision == "auto" else ""))
+    if precision != "float32":
+        log(f"precision: {'bfloat16 (autocast)' if bf16 else 'float32'}"
+            + (" (auto: measured on this machine)" if precision == "auto" else ""))
     mixed = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
     v_ids = None if vocab_ids is None else vocab_ids.to(device)
     lm_head_t, vocab_map = _draft_head(target, v_ids)

@@ -220,6 +220,9 @@ def test_bfloat16_training_lowers_the_loss_and_bad_precision_is_refused(trained,
     first, last = drafter.history[0], drafter.history[-1]
     assert last["val_loss"] < first["val_loss"] - 0.1, (first, last)
     assert all(p.dtype == torch.float32 for p in drafter.head.parameters())
+    fp32 = train_on_sequences(target, seqs, tmp_path / "fp32", heads=["eagle3"], draft_vocab_size=48, steps=60,
+                              batch_size=8, lr=3e-3, val_size=6, log_every=20, checkpoint_every=60, **QUIET)[0]
+    assert fp32.history[0]["val_loss"] != first["val_loss"]  # the same run but for the arithmetic: bf16 really ran
     with pytest.raises(ValueError, match=r"precision must be one of \('auto', 'float32', 'bfloat16'\), got 'half'"):
         train_on_sequences(target, seqs, tmp_path / "x", heads=["eagle3"], precision="half", **QUIET)
 
