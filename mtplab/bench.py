@@ -395,15 +395,17 @@ def cost_report(target, drafters=("mtp", "prompt-lookup"), layers: int | None = 
         passes = {**passes, "hf": {n: both["hf"][n] * step / both["plain"][1] for n in rows}}  # in this run's unit
     lines.append(f"target pass over n tokens, in one-token F.linear steps (median of {reps}, interleaved):")
     lines.append("  n            " + " ".join(f"{n:>5}" for n in rows))
-    for name, label in (("hf", "transformers"), ("plain", "F.linear"), ("tuned", "plan")):
+    for name, label in (("hf", "transformers"), ("plain", "F.linear"), ("tuned", "plan"), ("fused", "fused C")):
         if name in passes:
             lines.append(f"  {label:<12} " + " ".join(f"{passes[name][n] / step:5.2f}" for n in rows))
-    lines.append("  (transformers: its own forward; F.linear and plan: mtplab's lean forward, mtplab.fastpath)" if lean
-                 else f"  (mtplab calls transformers' forward: {fastpath.unsupported(target.model)})")
+    lines.append("  (transformers: its own forward; F.linear and plan: mtplab's lean forward, mtplab.fastpath; fused C: "
+                 "its two C calls a layer)" if lean else
+                 f"  (mtplab calls transformers' forward: {fastpath.unsupported(target.model)})")
     if plan:
-        lines.append("  used         " + " ".join(f"{'plan' if plan.engaged(n) else 'F.lin':>5}" for n in rows))
+        short = {"fused": "fused", "tuned": "plan", "plain": "F.lin"}
+        lines.append("  used         " + " ".join(f"{short[plan.used(n)]:>5}" for n in rows))
     v = costs.verify_curve(target)
-    used_step = step * v[0] if not plan or not plan.engaged(1) else passes["tuned"][1]
+    used_step = passes[plan.used(1)][1] if plan and plan.used(1) in passes else step
     roof = costs.roofline_seconds(target)
     lines.append(f"plain decoding: {1 / used_step:.1f} tokens/s ({1e3 * used_step:.1f} ms a step); fp32 memory "
                  f"roofline {1e3 * roof:.1f} ms ({kernels.parameter_bytes(target.model) / 1e6:.0f} MB at "

@@ -25,8 +25,8 @@ from .models import Target, kernel_pass
 
 def pass_seconds(target: Target, refresh: bool = False, progress: bool = True, reps: int = 3) -> dict:
     """Seconds of a target pass over n = 1..16 tokens on this machine: ``{"plain": {n: s}}`` (F.linear) and, where
-    the target has a kernel plan, ``"tuned"`` (measured interleaved once, then cached; see
-    :func:`mtplab.kernels.check_whole_passes`)."""
+    the target has a kernel plan, ``"tuned"`` and (where it can take them) ``"fused"`` (the fused C layers):
+    measured interleaved once, then cached; see :func:`mtplab.kernels.check_whole_passes`."""
     return kernels.check_whole_passes(target.model, kernel_pass(target.model), refresh=refresh, progress=progress,
                                       reps=reps)
 
@@ -36,7 +36,7 @@ def verify_curve(target: Target, refresh: bool = False, progress: bool = True) -
     one-token step (measured once per machine, then cached)."""
     seconds = pass_seconds(target, refresh, progress)
     plan = kernels.plan_of(target.model)
-    used = {n: seconds["tuned"][n] if plan is not None and "tuned" in seconds and plan.engaged(n) else seconds["plain"][n]
+    used = {n: seconds[plan.used(n)][n] if plan is not None and plan.used(n) in seconds else seconds["plain"][n]
             for n in seconds["plain"]}
     return as_verify_cost(used)
 

@@ -26,6 +26,10 @@ it) the model's planned ``nn.Linear`` modules are switched to the subclass :clas
 exit. Outside that block the model is exactly the user's: ``generate``, ``save_pretrained`` and pickling see plain
 ``nn.Linear`` modules and no extra attributes (plans and weight copies live in weak tables here).
 
+**Whole passes** decide last (:func:`check_whole_passes`): passes over 1..16 tokens are timed interleaved with the
+plan, without it, and through :mod:`mtplab.fastpath`'s fused C layers (two C calls a layer instead of ~25 ops);
+each pass size runs whichever was fastest here (:meth:`Plan.used`).
+
 ``MTPLAB_KERNELS=auto`` (default) tunes and uses the plan; ``MTPLAB_KERNELS=off`` uses ``F.linear`` everywhere.
 """
 from __future__ import annotations
@@ -57,7 +61,7 @@ COPY_BUDGET = 0.30  # extra weight copies may add at most this share of the mode
 SMALL_MODEL_BYTES = 16 << 20  # below this the weights sit in the CPU cache: nothing to gain, nothing is tuned
 MODES = ("auto", "off")
 # bump when the candidates or the timing method change: old measurements are then ignored
-FORMAT = 3  # (2: the lean forward, 3: the KV cache appending in place)
+FORMAT = 4  # (2: the lean forward, 3: the KV cache appending in place, 4: the fused C layers)
 
 
 def mode() -> str:
@@ -105,6 +109,7 @@ def _mkl_packed(x, w, b, packed):
 
 
 _STREAM = None  # the compiled C kernel (a ctypes function), loaded on first use
+_LIB = None  # the library it is in (which also holds the fused decoder-layer calls of mtplab.fastpath)
 _STREAM_ERROR: str | None = None
 
 
@@ -137,7 +142,7 @@ def unavailable(name: str) -> str | None:
 
 def _load_stream() -> str | None:
     """Compile (once per machine and source) and load the C kernel; return why not, or None."""
-    global _STREAM, _STREAM_ERROR
+    global _STREAM, _STREAM_ERROR, _LIB
     if _STREAM is not None or _STREAM_ERROR is not None:
         return _STREAM_ERROR
     src = Path(__file__).parent / "csrc" / "few_rows.c"
@@ -160,13 +165,16 @@ def _load_stream() -> str | None:
             return _STREAM_ERROR
         os.replace(tmp, lib)
     try:
-        fn = ctypes.CDLL(str(lib)).mtplab_few_rows_linear
+        handle = ctypes.CDLL(str(lib))
     except OSError as e:
         _STREAM_ERROR = f"could not load {lib}: {e}"
         return _STREAM_ERROR
-    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_int]
-    fn.restype = None
-    _STREAM = fn
+    P, L, F32, I = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_int
+    for name, args in (("mtplab_few_rows_linear", [P, P, P, L, L, L, I]),
+                       ("mtplab_attn_in", [P, L, L, P, F32, P, P, P, L, L, L, P, P, P, P, P, L, L, I]),
+                       ("mtplab_attn_out", [P, L, L, P, P, P, L, L, L, L, L, F32, P, P, P, F32, P, P, P, L, I])):
+        getattr(handle, name).argtypes, getattr(handle, name).restype = args, None
+    _LIB, _STREAM = handle, handle.mtplab_few_rows_linear
     return None
 
 
@@ -327,9 +335,18 @@ class Plan:
     extra_bytes: int = 0
     model_bytes: int = 0
     faster: list | None = None  # per row count 1..MAX_ROWS: was a whole pass with the plan faster? (None: unchecked)
+    fused: list | None = None  # per row count 1..MAX_ROWS: is a pass through the fused C layers faster still?
 
     def engaged(self, rows: int) -> bool:
         return rows > MAX_ROWS or self.faster is None or self.faster[rows - 1]
+
+    def fuses(self, rows: int) -> bool:
+        """Whether a pass over ``rows`` tokens takes :mod:`mtplab.fastpath`'s fused C layers (measured faster)."""
+        return self.fused is not None and 0 < rows <= MAX_ROWS and self.fused[rows - 1]
+
+    def used(self, rows: int) -> str:
+        """Which variant of :func:`measure_passes` a pass over ``rows`` tokens runs: fused, tuned or plain."""
+        return "fused" if self.fuses(rows) else "tuned" if self.engaged(rows) else "plain"
 
     def describe(self) -> str:
         lines = []
@@ -491,6 +508,12 @@ def plan_of(model: nn.Module) -> Plan | None:
     return _PLANS.get(model)
 
 
+def fuses(model: nn.Module, rows: int) -> bool:
+    """Whether ``model``'s plan sends a pass over ``rows`` tokens through the fused C layers."""
+    plan = _PLANS.get(model)
+    return plan is not None and plan.fuses(rows)
+
+
 def forget(model: nn.Module) -> None:
     """Drop ``model``'s plan (and its weight copies): it runs F.linear everywhere again."""
     plan = _PLANS.pop(model, None)
@@ -519,26 +542,27 @@ def without_plan(model: nn.Module):
 def measure_passes(model: nn.Module, run_pass: Callable[[int], None], rows=range(1, MAX_ROWS + 1), reps: int = 3,
                    variants=("tuned", "plain"), progress: bool = True, contexts: dict | None = None) -> dict:
     """Median seconds of ``run_pass(n)`` for each n: ``{variant: {n: seconds}}``, ``"tuned"`` with the model's plan
-    (for every row count), ``"plain"`` without; any other variant runs without the plan inside
-    ``contexts[variant]()``. Interleaved: every repetition runs every size and variant once, so a slow moment of the
-    machine hits them all alike."""
+    (for every row count), ``"fused"`` through mtplab's fused C layers (:mod:`mtplab.fastpath`), ``"plain"``
+    neither; any other variant runs without the plan inside ``contexts[variant]()``. Interleaved: every repetition
+    runs every size and variant once, so a slow moment of the machine hits them all alike."""
+    from .fastpath import fused_forward
     from tqdm.auto import tqdm
 
     rows = list(rows)
     times = {(v, n): [] for v in variants for n in rows}
     plan = _PLANS.get(model)
-    saved = None if plan is None else plan.faster
+    saved = None if plan is None else (plan.faster, plan.fused)
     bar = tqdm(total=reps * len(rows) * len(variants), desc="Timing whole passes", unit="pass", disable=not progress)
     try:
-        if plan is not None:
-            plan.faster = None  # "tuned" means the plan at every row count here
+        if plan is not None:  # "tuned" means the plan at every row count here, and never the fused layers
+            plan.faster = plan.fused = None
         with torch.inference_mode():
             run_pass(1)  # warm up (builds the pass's context)
             for _ in range(reps):
                 for n in rows:
                     for v in variants:
-                        with without_plan(model) if v != "tuned" else nullcontext(), \
-                                (contexts or {}).get(v, nullcontext)():
+                        with without_plan(model) if v not in ("tuned", "fused") else nullcontext(), \
+                                fused_forward(model) if v == "fused" else (contexts or {}).get(v, nullcontext)():
                             t0 = time.perf_counter()
                             run_pass(n)
                             times[v, n].append(time.perf_counter() - t0)
@@ -546,21 +570,25 @@ def measure_passes(model: nn.Module, run_pass: Callable[[int], None], rows=range
     finally:
         bar.close()
         if plan is not None:
-            plan.faster = saved
+            plan.faster, plan.fused = saved
     return {v: {n: statistics.median(times[v, n]) for n in rows} for v in variants}
 
 
 def check_whole_passes(model: nn.Module, run_pass: Callable[[int], None], refresh: bool = False,
                        progress: bool = True, reps: int = 3) -> dict:
-    """Time whole passes over 1..16 tokens with and without ``model``'s plan (once per machine and model, cached)
-    and keep the plan only for the row counts where the whole pass got faster: the per-call timings of
-    :func:`tune` do not see everything (the swap's own overhead, effects on the ops around the products).
-    Returns ``{"plain": {n: s}, "tuned": {n: s}}``."""
+    """Time whole passes over 1..16 tokens with and without ``model``'s plan, and through the fused C layers where
+    the model can take them (once per machine and model, cached); keep the plan only for the row counts where the
+    whole pass got faster (the per-call timings of :func:`tune` do not see everything: the swap's own overhead,
+    effects on the ops around the products), and the fused layers where they beat that.
+    Returns ``{"plain": {n: s}, "tuned": {n: s}, "fused": {n: s}}``."""
+    from .fastpath import fused_unsupported
+
     key = model_key(model)
     data = load_measurements()
-    if refresh or key not in data["passes"] or "plain" not in data["passes"][key]:
-        seconds = measure_passes(model, run_pass, reps=reps, progress=progress,
-                                 variants=("tuned", "plain") if model in _PLANS else ("plain",))
+    variants = ("plain",) if model not in _PLANS else ("tuned", "plain") if fused_unsupported(model) else (
+        "tuned", "plain", "fused")
+    if refresh or any(v not in data["passes"].get(key, {}) for v in variants):
+        seconds = measure_passes(model, run_pass, reps=reps, progress=progress, variants=variants)
         data = load_measurements()
         data["passes"][key] = {v: {str(n): t for n, t in d.items()} for v, d in seconds.items()}
         save_measurements(data)
@@ -569,6 +597,10 @@ def check_whole_passes(model: nn.Module, run_pass: Callable[[int], None], refres
     if plan is not None and "tuned" in seconds:
         plan.faster = [seconds["tuned"].get(n, float("inf")) < 0.98 * seconds["plain"].get(n, 0.0)
                        for n in range(1, MAX_ROWS + 1)]
+        plan.fused = None
+        if "fused" in seconds and "fused" in variants:
+            plan.fused = [seconds["fused"].get(n, float("inf")) < 0.98 * seconds[plan.used(n)].get(n, 0.0)
+                          for n in range(1, MAX_ROWS + 1)]
     return seconds
 
 

@@ -181,6 +181,14 @@ class GrowingLayer(DynamicLayer):
     ``torch.cat`` took 7.6 ms of a 55 ms step.)"""
 
     def update(self, key_states, value_states, *args, **kwargs):
+        n = self.extend(key_states, value_states)
+        self.keys[..., n:, :] = key_states
+        self.values[..., n:, :] = value_states
+        return self.keys, self.values
+
+    def extend(self, key_states, value_states) -> int:
+        """Lengthen ``keys`` and ``values`` by as many rows as ``key_states`` has, without writing them (the caller
+        does: :meth:`update`, or the fused C layers of :mod:`mtplab.fastpath`); return the old length."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n, new = self.get_seq_length(), key_states.shape[-2]
@@ -192,10 +200,8 @@ class GrowingLayer(DynamicLayer):
             if n:
                 kbuf[..., :n, :], vbuf[..., :n, :] = self.keys, self.values
             self._kbuf, self._vbuf = kbuf, vbuf
-        self._kbuf[..., n:n + new, :] = key_states
-        self._vbuf[..., n:n + new, :] = value_states
         self.keys, self.values = self._kbuf[..., :n + new, :], self._vbuf[..., :n + new, :]
-        return self.keys, self.values
+        return n
 
     def reset(self) -> None:
         self._kbuf = self._vbuf = None

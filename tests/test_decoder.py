@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import mtplab
-from mtplab import SpeculativeDecoder
+from mtplab import SpeculativeDecoder, fastpath
 from mtplab.decoder import TargetPasses
 from mtplab.models import forward, new_cache
 
@@ -33,6 +33,23 @@ def gap_report(target, prompt, got, want):
         logits = target.model(torch.tensor([list(prompt) + want[:i]])).logits[0, -1]
     top = torch.topk(logits, 2).values
     return f"first mismatch at new token {i}: top-2 logit gap {float(top[0] - top[1]):.3g}"
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("gamma", [1, 3, 7])
+def test_greedy_through_the_fused_layers_equals_generate(seed, gamma):
+    """The target's passes through mtplab's fused C layers (mtplab.fastpath.fused_forward): every drafter's greedy
+    output is transformers' generate token for token."""
+    target = tiny(seed=seed)
+    with torch.inference_mode():
+        hf = target.model.generate(torch.tensor([PROMPT]), max_new_tokens=40, do_sample=False, min_new_tokens=40)
+    want = hf[0, len(PROMPT):].tolist()
+    with fastpath.fused_forward(target.model):
+        assert plain_ids(target, PROMPT, 40) == want
+        for name, drafter in drafters_for(target).items():
+            trace = SpeculativeDecoder(target, drafter, num_draft_tokens=gamma, schedule="constant").generate(
+                PROMPT, max_new_tokens=40)
+            assert trace.token_ids == want, f"{name}: {gap_report(target, PROMPT, trace.token_ids, want)}"
 
 
 @pytest.mark.parametrize("seed", [0, 1])

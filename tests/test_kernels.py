@@ -201,3 +201,29 @@ def test_plan_is_used_only_where_whole_passes_got_faster(kernel_cache, monkeypat
     finally:
         handle.remove()
     assert [t is kernels.TunedLinear for _, t in seen] == [False, False, True, True, False]
+
+
+def test_fused_layers_are_used_only_where_whole_passes_got_faster_still(kernel_cache, monkeypatch):
+    """check_whole_passes also times the fused C layers and sends a pass size through them only where they beat
+    what the plan would use there; models.forward follows that, and the verify curve reads the used variant."""
+    from mtplab import costs, fastpath
+
+    target = tuned_tiny()
+    model = target.model
+    plan = kernels.plan_of(model)
+    fake = {"plain": {n: 1.0 for n in range(1, 17)}, "tuned": {n: 0.9 if n in (3, 4) else 1.1 for n in range(1, 17)},
+            "fused": {n: 0.8 if n in (1, 4) else 1.0 for n in range(1, 17)}}
+    monkeypatch.setattr(kernels, "measure_passes", lambda *a, **k: fake)
+    kernels.check_whole_passes(model, lambda n: None, refresh=True, progress=False)
+    assert [plan.used(n) for n in range(1, 6)] == ["fused", "plain", "tuned", "fused", "plain"]
+    used = {n: fake[plan.used(n)][n] for n in range(1, 17)}  # the fused passes are what the verify curve reads
+    assert costs.verify_curve(target, progress=False) == costs.as_verify_cost(used)
+    assert costs.as_verify_cost(used) != costs.as_verify_cost({n: fake["plain"][n] for n in range(1, 17)})
+    calls = []
+    real = fastpath._fused_layers
+    monkeypatch.setattr(fastpath, "_fused_layers", lambda d, x, *a: calls.append(x.shape[0]) or real(d, x, *a))
+    cache = models.new_cache(model)
+    with torch.inference_mode():
+        for n in (1, 2, 3, 4, 5):
+            models.forward(model, list(range(1, 1 + n)), cache)
+    assert calls == [1, 4]

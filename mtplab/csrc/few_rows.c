@@ -1,10 +1,11 @@
-/* y = x W^T for a few rows of x, reading each weight once: mtplab's "stream" kernel (see mtplab/kernels.py).
+/* y = x W^T for a few rows of x, reading each weight once: mtplab's "stream" kernel (see mtplab/kernels.py), and
+ * below it the fused decoder layer built on it (mtplab/fastpath.py).
  *
  * W is the nn.Linear weight as PyTorch stores it: [out, in], row-major. For a block of 4 weight rows and up to 4
  * rows of x, 16 vector accumulators run along `in`; the 4 weight rows are loaded from memory once and stay in L1
- * while the other rows of x use them. Weight rows a few blocks ahead are prefetched, so the memory system is busy
- * while the block computes. Plain C with GCC/Clang vector extensions: the compiler maps v16 to AVX-512, AVX2, NEON
- * or scalar code for the machine it compiles on (-march=native). Results differ from MKL's only by the order of
+ * while the other rows of x use them (2 weight rows for 5-8 rows of x, 1 for 9-16). Weight rows one block ahead are
+ * prefetched, so the memory system is busy while the block computes. Plain C with GCC/Clang vector extensions:
+ * the compiler maps v16 to AVX-512, AVX2, NEON or scalar code for the machine it compiles on (-march=native). Results differ from MKL's only by the order of
  * float additions (about 1e-6 relative). Parallel over output blocks with OpenMP (PyTorch's own runtime when the
  * process already loaded it: the same soname, libgomp.so.1).
  */
@@ -30,55 +31,169 @@ static inline v16 reduce16(const v16 *v) {
          + __builtin_shufflevector(g[0], g[1], 1,3,5,7,9,11,13,15,17,19,21,23,25,27,29,31);
 }
 
-#define PREFETCH_ROWS 8
+#define PREFETCH_ROWS 4
 
-/* y[r0 .. r0+RN-1][j0 .. j0+3] */
-#define BLOCK(RN)                                                                                          \
-static void block_##RN(const float *x, const float *w, float *y, long in, long out, long j0, long r0) {    \
+/* y[r0 .. r0+RN-1][j0 .. j0+A-1]: A weight rows times RN rows of x, A * RN <= 16 vector accumulators. Every output
+ * is summed in the same order (16 lanes along `in`, the same lane reduction, the same tail) whatever A and RN are:
+ * a row's result does not depend on how many rows are computed with it. */
+#define BLOCK(A, RN)                                                                                       \
+static void block_##A##_##RN(const float *x, const float *w, float *y, long in, long out, long j0, long r0) { \
     v16 acc[16];                                                                                           \
     memset(acc, 0, sizeof acc);                                                                            \
     const float *w0 = w + j0 * in;                                                                         \
     long k = 0;                                                                                            \
     for (; k + 16 <= in; k += 16) {                                                                        \
-        v16 wv[4], xv[RN];                                                                                 \
-        for (int a = 0; a < 4; a++) {                                                                      \
+        v16 wv[A], xv[RN];                                                                                 \
+        for (int a = 0; a < A; a++) {                                                                      \
             wv[a] = load(w0 + a * in + k);                                                                 \
             __builtin_prefetch(w0 + (a + PREFETCH_ROWS) * in + k);                                         \
         }                                                                                                  \
         for (int r = 0; r < RN; r++) xv[r] = load(x + (r0 + r) * in + k);                                  \
-        for (int a = 0; a < 4; a++)                                                                        \
-            for (int r = 0; r < RN; r++) acc[a * 4 + r] += wv[a] * xv[r];                                  \
+        for (int a = 0; a < A; a++)                                                                        \
+            for (int r = 0; r < RN; r++) acc[a * RN + r] += wv[a] * xv[r];                                 \
     }                                                                                                      \
     v16 sums = reduce16(acc);                                                                              \
-    for (int a = 0; a < 4; a++)                                                                            \
+    for (int a = 0; a < A; a++)                                                                            \
         for (int r = 0; r < RN; r++) {                                                                     \
-            float s = sums[a * 4 + r];                                                                     \
+            float s = sums[a * RN + r];                                                                    \
             for (long kk = k; kk < in; kk++) s += w0[a * in + kk] * x[(r0 + r) * in + kk];                 \
             y[(r0 + r) * out + j0 + a] = s;                                                                \
         }                                                                                                  \
 }
-BLOCK(1)
-BLOCK(2)
-BLOCK(3)
-BLOCK(4)
+BLOCK(4, 1) BLOCK(4, 2) BLOCK(4, 3) BLOCK(4, 4)
+BLOCK(2, 5) BLOCK(2, 6) BLOCK(2, 7) BLOCK(2, 8)
+BLOCK(1, 1) BLOCK(1, 2) BLOCK(1, 3) BLOCK(1, 4) BLOCK(1, 5) BLOCK(1, 6) BLOCK(1, 7) BLOCK(1, 8)
+BLOCK(1, 9) BLOCK(1, 10) BLOCK(1, 11) BLOCK(1, 12) BLOCK(1, 13) BLOCK(1, 14) BLOCK(1, 15) BLOCK(1, 16)
 
-/* x: [n, in], w: [out, in], y: [n, out], all contiguous float32. */
+typedef void (*block_fn)(const float *, const float *, float *, long, long, long, long);
+static const block_fn BLOCKS[17] = {0, block_4_1, block_4_2, block_4_3, block_4_4, block_2_5, block_2_6, block_2_7,
+                                    block_2_8, block_1_9, block_1_10, block_1_11, block_1_12, block_1_13, block_1_14,
+                                    block_1_15, block_1_16};
+static const block_fn ONE_ROW_BLOCKS[17] = {0, block_1_1, block_1_2, block_1_3, block_1_4, block_1_5, block_1_6,
+                                            block_1_7, block_1_8, block_1_9, block_1_10, block_1_11, block_1_12,
+                                            block_1_13, block_1_14, block_1_15, block_1_16};
+
+/* x: [n, in], w: [out, in], y: [n, out], all contiguous float32. Up to 16 rows of x go through each block of weight
+ * rows together, so each weight is read from memory once; more rows are taken 16 at a time. */
 void mtplab_few_rows_linear(const float *x, const float *w, float *y, long n, long in, long out, int threads) {
-    long full = out & ~3L;
+    for (long r0 = 0; r0 < n; r0 += 16) {
+        long rn = n - r0 < 16 ? n - r0 : 16, a = rn <= 4 ? 4 : rn <= 8 ? 2 : 1, full = out / a * a;
+        block_fn block = BLOCKS[rn];
+        #pragma omp parallel for num_threads(threads) schedule(static)
+        for (long j0 = 0; j0 < full; j0 += a) block(x, w, y, in, out, j0, r0);
+        for (long j = full; j < out; j++) ONE_ROW_BLOCKS[rn](x, w, y, in, out, j, r0);
+    }
+}
+
+/* ---- One decoder layer of a Llama-architecture model for a few rows, in two calls ------------------------------
+ * mtplab's "fused" step (mtplab/fastpath.py): the same formulas as transformers' LlamaDecoderLayer, with every
+ * product done by the kernel above, so a layer costs two calls instead of ~25 small PyTorch ops. Each row is
+ * computed on its own, in the same order whatever the number of rows: a verify pass over n tokens gives each row
+ * exactly what a one-token step would. The KV cache stays a PyTorch tensor between the two calls (cache.update).
+ */
+#include <math.h>
+#include <stdlib.h>
+
+/* sum(a[i] * b[i]) in 16 lanes, then the lanes in a fixed order (the compiler may not reorder a float sum). */
+static float dot(const float *a, const float *b, long len) {
+    v16 acc = {0};
+    long i = 0;
+    for (; i + 16 <= len; i += 16) acc += load(a + i) * load(b + i);
+    float s = 0;
+    for (int l = 0; l < 16; l++) s += acc[l];
+    for (; i < len; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w, as LlamaRMSNorm (float32 throughout). */
+static void rms_norm(const float *x, const float *w, float *out, long n, long H, float eps) {
+    for (long r = 0; r < n; r++) {
+        const float *xr = x + r * H;
+        float ss = dot(xr, xr, H);
+        float inv = 1.0f / sqrtf(ss / (float)H + eps);
+        for (long i = 0; i < H; i++) out[r * H + i] = w[i] * (xr[i] * inv);
+    }
+}
+
+/* The rotary embedding on heads [n, heads, D] in place: t*cos + rotate_half(t)*sin, cos/sin: [n, D]. */
+static void rope(float *t, long n, long heads, long D, const float *cos_, const float *sin_) {
+    long half = D / 2;
+    for (long r = 0; r < n; r++)
+        for (long h = 0; h < heads; h++) {
+            float *v = t + (r * heads + h) * D;
+            const float *c = cos_ + r * D, *s = sin_ + r * D;
+            for (long i = 0; i < half; i++) {
+                float a = v[i], b = v[i + half];
+                v[i] = a * c[i] + (-b) * s[i];
+                v[i + half] = b * c[i + half] + a * s[i + half];
+            }
+        }
+}
+
+/* Attention input: h = norm(x); q, k, v = h Wq^T, h Wk^T, h Wv^T; rotary on q and k. x: [n, H]; q: [n, Hq*D].
+ * k and v go straight into the KV cache's buffers kc, vc ([Hkv, rows, D], head stride hs) at rows past..past+n-1. */
+void mtplab_attn_in(const float *x, long n, long H, const float *ln, float eps, const float *wq, const float *wk,
+                    const float *wv, long Hq, long Hkv, long D, const float *cos_, const float *sin_, float *q,
+                    float *kc, float *vc, long hs, long past, int threads) {
+    float *h = malloc(sizeof(float) * n * H), *k = malloc(sizeof(float) * n * Hkv * D);
+    float *v = malloc(sizeof(float) * n * Hkv * D);
+    rms_norm(x, ln, h, n, H, eps);
+    mtplab_few_rows_linear(h, wq, q, n, H, Hq * D, threads);
+    mtplab_few_rows_linear(h, wk, k, n, H, Hkv * D, threads);
+    mtplab_few_rows_linear(h, wv, v, n, H, Hkv * D, threads);
+    rope(q, n, Hq, D, cos_, sin_);
+    rope(k, n, Hkv, D, cos_, sin_);
+    for (long r = 0; r < n; r++)
+        for (long j = 0; j < Hkv; j++) {
+            memcpy(kc + j * hs + (past + r) * D, k + (r * Hkv + j) * D, sizeof(float) * D);
+            memcpy(vc + j * hs + (past + r) * D, v + (r * Hkv + j) * D, sizeof(float) * D);
+        }
+    free(h); free(k); free(v);
+}
+
+/* Attention output and MLP, updating the residual stream x [n, H] in place:
+ *   o = softmax(q K^T * scale + mask) V (grouped-query heads: head j reads key/value head j / (Hq / Hkv));
+ *   x += o Wo^T;  h = norm(x);  x += (silu(h Wg^T) * (h Wu^T)) Wd^T.
+ * K, V: [Hkv, L, D] with head stride `hs` (row stride D): the cache's rows, the last n of them this pass's.
+ * sees: [n, L] bytes (1: row may attend), or NULL for the causal chain (row r sees the first L - n + r + 1). */
+void mtplab_attn_out(float *x, long n, long H, const float *q, const float *K, const float *V, long L, long hs,
+                     long Hq, long Hkv, long D, float scale, const unsigned char *sees, const float *wo,
+                     const float *ln, float eps, const float *wg, const float *wu, const float *wd, long I,
+                     int threads) {
+    float *o = malloc(sizeof(float) * n * Hq * D), *tmp = malloc(sizeof(float) * n * (H > I ? H : I));
+    float *g = malloc(sizeof(float) * n * I), *u = malloc(sizeof(float) * n * I);
+    float *p = malloc(sizeof(float) * n * Hq * L);
+    long group = Hq / Hkv;
     #pragma omp parallel for num_threads(threads) schedule(static)
-    for (long j0 = 0; j0 < full; j0 += 4) {
-        long r0 = 0;
-        for (; r0 + 4 <= n; r0 += 4) block_4(x, w, y, in, out, j0, r0);
-        switch (n - r0) {
-            case 3: block_3(x, w, y, in, out, j0, r0); break;
-            case 2: block_2(x, w, y, in, out, j0, r0); break;
-            case 1: block_1(x, w, y, in, out, j0, r0); break;
+    for (long t = 0; t < n * Hq; t++) {
+        long r = t / Hq, hq = t % Hq;
+        const float *qr = q + (r * Hq + hq) * D, *Kh = K + (hq / group) * hs, *Vh = V + (hq / group) * hs;
+        float *pr = p + t * L, *orow = o + (r * Hq + hq) * D;
+        float mx = -INFINITY;
+        for (long j = 0; j < L; j++) {
+            int ok = sees ? sees[r * L + j] : j <= L - n + r;
+            if (!ok) { pr[j] = -INFINITY; continue; }
+            pr[j] = dot(qr, Kh + j * D, D) * scale;
+            if (pr[j] > mx) mx = pr[j];
+        }
+        float sum = 0;
+        for (long j = 0; j < L; j++) { pr[j] = pr[j] == -INFINITY ? 0.0f : expf(pr[j] - mx); sum += pr[j]; }
+        for (long i = 0; i < D; i++) orow[i] = 0;
+        for (long j = 0; j < L; j++) {
+            if (pr[j] == 0.0f) continue;
+            float w = pr[j] / sum;
+            for (long i = 0; i < D; i++) orow[i] += w * Vh[j * D + i];
         }
     }
-    for (long j = full; j < out; j++)
-        for (long r = 0; r < n; r++) {
-            float s = 0;
-            for (long k = 0; k < in; k++) s += w[j * in + k] * x[r * in + k];
-            y[r * out + j] = s;
-        }
+    mtplab_few_rows_linear(o, wo, tmp, n, Hq * D, H, threads);
+    for (long i = 0; i < n * H; i++) x[i] += tmp[i];
+    float *h = o;  /* o is no longer needed: reuse it for the normed rows (Hq * D >= H for Llama) */
+    if (Hq * D < H) h = realloc(o, sizeof(float) * n * H), o = h;
+    rms_norm(x, ln, h, n, H, eps);
+    mtplab_few_rows_linear(h, wg, g, n, H, I, threads);
+    mtplab_few_rows_linear(h, wu, u, n, H, I, threads);
+    for (long i = 0; i < n * I; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    mtplab_few_rows_linear(g, wd, tmp, n, I, H, threads);
+    for (long i = 0; i < n * H; i++) x[i] += tmp[i];
+    free(o); free(tmp); free(g); free(u); free(p);
 }
