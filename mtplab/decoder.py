@@ -17,7 +17,7 @@ import torch
 from . import costs, kernels, theory
 from .drafters.base import Drafter
 from .models import Target, crop_cache, forward, new_cache
-from .sampling import SamplingConfig, check_sampling, probs, verify
+from .sampling import SamplingConfig, check_sampling, probs, top, verify
 from .trace import Round, Trace, reached_positions
 from .tree import best_branch, build_tree, keep_cache_rows
 
@@ -360,14 +360,14 @@ class SpeculativeDecoder:
 
 def _pair_top(p_row, q_row, drafted: int, text) -> list:
     """``[[id, text, p, q]]`` for the drafted token and the top candidates of p and q, most likely under p first."""
-    ids = {drafted, *torch.topk(p_row, TOP_CANDIDATES).indices.tolist()}
+    ids = {drafted, *top(p_row, TOP_CANDIDATES)[1].tolist()}
     if q_row is not None:
-        ids |= set(torch.topk(q_row, TOP_CANDIDATES).indices.tolist())
+        ids |= set(top(q_row, TOP_CANDIDATES)[1].tolist())
     q_of = (lambda i: float(i == drafted)) if q_row is None else (lambda i: float(q_row[i]))
     rows = [[i, text(i), float(p_row[i]), q_of(i)] for i in ids]
     return sorted(rows, key=lambda r: -r[2])
 
 
 def _top(row: torch.Tensor, text) -> list:
-    vals, idx = torch.topk(row, min(TOP_CANDIDATES, row.shape[-1]))
+    vals, idx = top(row, TOP_CANDIDATES)
     return [[int(i), text(int(i)), float(x)] for x, i in zip(vals, idx)]

@@ -71,3 +71,25 @@ def test_verify_sampling_uses_u_against_min_1_p_over_q():
 def test_bad_sampling_values(kw, msg):
     with pytest.raises(ValueError, match=msg):
         SamplingConfig(**kw)
+
+
+def test_fast_argmax_and_top_equal_torchs():
+    """sampling.argmax (NumPy) and sampling.top (block maxima first) are shortcuts for torch.argmax and
+    torch.topk on long rows: same indices and values, ties broken towards the first index as torch does."""
+    from mtplab.sampling import argmax, top
+
+    g = torch.Generator().manual_seed(0)
+    for n in (49152, 8192, 1000, 7):
+        for _ in range(5):
+            row = torch.randn(n, generator=g)
+            assert argmax(row) == int(torch.argmax(row))
+            vals, idx = top(row, 5)
+            want = torch.topk(row, min(5, n))
+            assert torch.equal(vals, want.values) and torch.equal(idx, want.indices)
+    row = torch.zeros(49152)
+    row[[40000, 70, 49151]] = 3.0  # a tie: the first index wins
+    assert argmax(row) == 70 == int(torch.argmax(row))
+    row[[5, 12000, 30000, 49150]] = torch.tensor([1.0, 2.0, 2.5, 0.5])
+    vals, idx = top(row, 5)
+    assert vals.tolist() == [3.0, 3.0, 3.0, 2.5, 2.0] and sorted(idx[:3].tolist()) == [70, 40000, 49151]
+    assert idx[3:].tolist() == [30000, 12000]

@@ -169,17 +169,18 @@ void mtplab_attn_out(float *x, long n, long H, const float *q, const float *K, c
         long r = t / Hq, hq = t % Hq;
         const float *qr = q + (r * Hq + hq) * D, *Kh = K + (hq / group) * hs, *Vh = V + (hq / group) * hs;
         float *pr = p + t * L, *orow = o + (r * Hq + hq) * D;
+        long limit = sees ? L : L - n + r + 1;  /* the keys this row may see are the first `limit` */
+        for (long j0 = 0; j0 + 4 <= limit; j0 += 4) block_4_1(qr, Kh, pr, D, 0, j0, 0);  /* 4 scores at a time */
+        for (long j = limit & ~3L; j < limit; j++) block_1_1(qr, Kh, pr, D, 0, j, 0);
         float mx = -INFINITY;
-        for (long j = 0; j < L; j++) {
-            int ok = sees ? sees[r * L + j] : j <= L - n + r;
-            if (!ok) { pr[j] = -INFINITY; continue; }
-            pr[j] = dot(qr, Kh + j * D, D) * scale;
+        for (long j = 0; j < limit; j++) {
+            pr[j] = sees && !sees[r * L + j] ? -INFINITY : pr[j] * scale;
             if (pr[j] > mx) mx = pr[j];
         }
         float sum = 0;
-        for (long j = 0; j < L; j++) { pr[j] = pr[j] == -INFINITY ? 0.0f : expf(pr[j] - mx); sum += pr[j]; }
+        for (long j = 0; j < limit; j++) { pr[j] = pr[j] == -INFINITY ? 0.0f : expf(pr[j] - mx); sum += pr[j]; }
         for (long i = 0; i < D; i++) orow[i] = 0;
-        for (long j = 0; j < L; j++) {
+        for (long j = 0; j < limit; j++) {
             if (pr[j] == 0.0f) continue;
             float w = pr[j] / sum;
             for (long i = 0; i < D; i++) orow[i] += w * Vh[j * D + i];
