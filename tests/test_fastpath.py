@@ -157,6 +157,21 @@ def test_fused_layers_equal_the_lean_forward(seed, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_fused_attention_keeps_large_scores_exact():
+    """Attention scores far beyond exp's float range (sharp heads): the fused softmax subtracts the row's maximum
+    first, as SDPA does, so it still matches the lean forward."""
+    model = mtplab.tiny_random_target(vocab_size=64, seed=4, num_layers=2).model
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(40.0)
+            layer.self_attn.k_proj.weight.mul_(40.0)
+    lean = passes(model, True)
+    with fastpath.fused_forward(model):
+        fused = passes(model, True)
+    for a, b in zip(fused, lean):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_fused_pass_rows_equal_one_token_steps_bit_for_bit():
     """Each row of a fused pass is computed on its own, in the same order: a verify over 5 tokens gives every row
     exactly what 5 one-token steps give (logits and hidden states), so speculative and plain decoding see the same

@@ -94,6 +94,45 @@ void mtplab_few_rows_linear(const float *x, const float *w, float *y, long n, lo
 #include <math.h>
 #include <stdlib.h>
 
+typedef int v16i __attribute__((vector_size(64)));
+
+static inline v16 select16(v16i mask, v16 a, v16 b) { return (v16)((mask & (v16i)a) | (~mask & (v16i)b)); }
+
+/* exp(x) for 16 floats at once (Cephes' expf: reduce by ln 2, a degree-6 polynomial, scale by 2^n; within 2 ulp of
+ * expf). -inf gives exactly 0, NaN stays NaN. glibc's scalar expf, called ~85,000 times a token by the attention
+ * softmax and SiLU, took ~3 ms of a 26 ms step. */
+static inline v16 vexp(v16 x) {
+    v16 zero = {0}, one = zero + 1.0f;
+    v16i neg_inf = x == zero - __builtin_inff();
+    x = select16(x < zero - 87.3f, zero - 87.3f, x);
+    x = select16(x > zero + 88.7f, zero + 88.7f, x);
+    v16 t = x * 1.44269504088896341f + 0.5f;
+    v16 fi = __builtin_convertvector(__builtin_convertvector(t, v16i), v16);
+    fi -= (v16)((fi > t) & (v16i)one);  /* floor */
+    x = x - fi * 0.693359375f + fi * 2.12194440e-4f;
+    v16 z = x * x;
+    v16 y = ((((((1.9875691500E-4f * x + 1.3981999507E-3f) * x + 8.3334519073E-3f) * x + 4.1665795894E-2f) * x
+               + 1.6666665459E-1f) * x + 5.0000001201E-1f) * z + x + 1.0f);
+    v16 scale = (v16)((__builtin_convertvector(fi, v16i) + 127) << 23);
+    return select16(neg_inf, zero, y * scale);
+}
+
+/* a[i] = exp(a[i]) for i < len: 16 at a time, the tail through the same code (every element gets the same result
+ * wherever it sits). */
+static void exp_inplace(float *a, long len) {
+    long i = 0;
+    for (; i + 16 <= len; i += 16) {
+        v16 v = vexp(load(a + i));
+        memcpy(a + i, &v, sizeof v);
+    }
+    if (i < len) {
+        v16 v = {0};
+        memcpy(&v, a + i, sizeof(float) * (len - i));
+        v = vexp(v);
+        memcpy(a + i, &v, sizeof(float) * (len - i));
+    }
+}
+
 /* sum(a[i] * b[i]) in 16 lanes, then the lanes in a fixed order (the compiler may not reorder a float sum). */
 static float dot(const float *a, const float *b, long len) {
     v16 acc = {0};
@@ -177,8 +216,10 @@ void mtplab_attn_out(float *x, long n, long H, const float *q, const float *K, c
             pr[j] = sees && !sees[r * L + j] ? -INFINITY : pr[j] * scale;
             if (pr[j] > mx) mx = pr[j];
         }
+        for (long j = 0; j < limit; j++) pr[j] -= mx;
+        exp_inplace(pr, limit);  /* masked scores (-inf) become exactly 0 */
         float sum = 0;
-        for (long j = 0; j < limit; j++) { pr[j] = pr[j] == -INFINITY ? 0.0f : expf(pr[j] - mx); sum += pr[j]; }
+        for (long j = 0; j < limit; j++) sum += pr[j];
         for (long i = 0; i < D; i++) orow[i] = 0;
         for (long j = 0; j < limit; j++) {
             if (pr[j] == 0.0f) continue;
@@ -193,7 +234,9 @@ void mtplab_attn_out(float *x, long n, long H, const float *q, const float *K, c
     rms_norm(x, ln, h, n, H, eps);
     mtplab_few_rows_linear(h, wg, g, n, H, I, threads);
     mtplab_few_rows_linear(h, wu, u, n, H, I, threads);
-    for (long i = 0; i < n * I; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    for (long i = 0; i < n * I; i++) tmp[i] = -g[i];  /* silu(g) * u = g / (1 + exp(-g)) * u */
+    exp_inplace(tmp, n * I);
+    for (long i = 0; i < n * I; i++) g[i] = g[i] / (1.0f + tmp[i]) * u[i];
     mtplab_few_rows_linear(g, wd, tmp, n, I, H, threads);
     for (long i = 0; i < n * H; i++) x[i] += tmp[i];
     free(o); free(tmp); free(g); free(u); free(p);
