@@ -201,9 +201,21 @@ def _cpu_signature() -> str:
 
 
 def machine_key() -> str:
-    """One key per CPU, torch build and thread count: measurements made under another key are not reused."""
-    raw = f"{_cpu_signature()}|torch {torch.__version__}|threads {torch.get_num_threads()}|format {FORMAT}"
+    """One key per CPU, torch build, thread count and version of mtplab's C kernels: measurements made under
+    another key are not reused."""
+    raw = (f"{_cpu_signature()}|torch {torch.__version__}|threads {torch.get_num_threads()}|format {FORMAT}"
+           f"|csrc {_csrc_digest()}")
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def _csrc_digest() -> str:
+    global _CSRC_DIGEST
+    if _CSRC_DIGEST is None:
+        _CSRC_DIGEST = hashlib.sha256((Path(__file__).parent / "csrc" / "few_rows.c").read_bytes()).hexdigest()[:16]
+    return _CSRC_DIGEST
+
+
+_CSRC_DIGEST: str | None = None
 
 
 def cache_dir() -> Path:
