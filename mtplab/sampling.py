@@ -93,7 +93,7 @@ def top(row: torch.Tensor, k: int) -> tuple:
     n = row.shape[-1]
     if row.dim() != 1 or n % block or n < 8 * block * k:
         return torch.topk(row, min(k, n))
-    blocks = row.view(-1, block)
+    blocks = row.reshape(-1, block)
     chosen = blocks.amax(-1).topk(k).indices
     vals, idx = blocks[chosen].reshape(-1).topk(k)
     return vals, chosen[idx // block] * block + idx % block
