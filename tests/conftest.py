@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 import pytest
 import torch
@@ -6,6 +7,10 @@ import torch
 import mtplab
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# The tests measure kernels, pass curves and draft costs while other tests compete for the CPU: they keep those
+# measurements in a folder of their own (the notebooks they run inherit it), so a test run never overwrites the
+# user's cached curve, which schedule="auto" reads, with numbers taken under load.
+os.environ.setdefault("MTPLAB_KERNEL_CACHE", tempfile.mkdtemp(prefix="mtplab-test-kernels-"))
 
 
 @pytest.fixture(scope="session")
