@@ -219,11 +219,17 @@ def test_fused_layers_are_used_only_where_whole_passes_got_faster_still(kernel_c
     used = {n: fake[plan.used(n)][n] for n in range(1, 17)}  # the fused passes are what the verify curve reads
     assert costs.verify_curve(target, progress=False) == costs.as_verify_cost(used)
     assert costs.as_verify_cost(used) != costs.as_verify_cost({n: fake["plain"][n] for n in range(1, 17)})
-    calls = []
+    calls, swapped = [], []
     real = fastpath._fused_layers
-    monkeypatch.setattr(fastpath, "_fused_layers", lambda d, x, *a: calls.append(x.shape[0]) or real(d, x, *a))
+
+    def counted(d, x, *a):
+        calls.append(x.shape[0])
+        swapped.append(type(plan.modules[0]) is not nn.Linear)  # the fused layers do not call the modules
+        return real(d, x, *a)
+
+    monkeypatch.setattr(fastpath, "_fused_layers", counted)
     cache = models.new_cache(model)
     with torch.inference_mode():
         for n in (1, 2, 3, 4, 5):
             models.forward(model, list(range(1, 1 + n)), cache)
-    assert calls == [1, 4]
+    assert calls == [1, 4] and swapped == [False, False]
