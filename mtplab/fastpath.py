@@ -125,26 +125,26 @@ def forward(model, ids: list, cache, hidden=False, logits: bool = True, position
     decoder = model.model
     n, past = len(ids), cache.get_seq_length()
     x = decoder.embed_tokens(torch.tensor(ids, dtype=torch.long, device=model.device))  # [n, hidden]: no batch axis
-    chain = positions is None
-    if chain:
+    args = None
+    if n <= kernels.MAX_ROWS and (model in _FUSED or kernels.fuses(model, n)):
+        args = _fused_args(model, cache)  # (or why this pass cannot take the fused layers: then it takes _layers)
+    fused = isinstance(args, list)
+    if positions is None:
         positions = torch.arange(past, past + n, device=x.device)[None]
-        if n > 1:  # row i sees the context and the chain up to itself
+        if n > 1 and not fused:  # row i sees the context and the chain up to itself (the C layers know that)
             sees = torch.ones(n, past + n, dtype=torch.bool, device=x.device).tril(past)[None, None]
     cos, sin = decoder.rotary_emb(x, positions)
     cos, sin = cos[0], sin[0]  # [n, head_dim], broadcast over heads
     wanted = list(hidden) if isinstance(hidden, (list, tuple)) else []
     grabbed = {}
-    args = None
-    if n <= kernels.MAX_ROWS and (model in _FUSED or kernels.fuses(model, n)):
-        args = _fused_args(model, cache)  # (or why this pass cannot take the fused layers: then it takes _layers)
-    if isinstance(args, list):
-        x = _fused_layers(decoder, x, cache, cos, sin, None if chain else sees, wanted, grabbed, args)
+    if fused:
+        x = _fused_layers(decoder, x, cache, cos, sin, sees, wanted, grabbed, args)
     else:
         x = _layers(decoder, x, cache, cos, sin, sees, wanted, grabbed)
     if len(decoder.layers) in wanted:  # the last layer's output, before the final norm
         grabbed[len(decoder.layers)] = x
     normed = _norm(decoder.norm, x)
-    if isinstance(args, list):  # the LM head by the same C kernel: every row of the pass as a one-token step has it
+    if fused:  # the LM head by the same C kernel: every row of the pass as a one-token step has it
         out = kernels.KERNELS["stream"].run((normed if logits else normed[-1:]).contiguous(), model.lm_head.weight,
                                             None, None)
     else:

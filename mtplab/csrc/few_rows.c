@@ -5,9 +5,9 @@
  * rows of x, 16 vector accumulators run along `in`; the 4 weight rows are loaded from memory once and stay in L1
  * while the other rows of x use them (2 weight rows for 5-8 rows of x, 1 for 9-16). Weight rows one block ahead are
  * prefetched, so the memory system is busy while the block computes. Plain C with GCC/Clang vector extensions:
- * the compiler maps v16 to AVX-512, AVX2, NEON or scalar code for the machine it compiles on (-march=native). Results differ from MKL's only by the order of
- * float additions (about 1e-6 relative). Parallel over output blocks with OpenMP (PyTorch's own runtime when the
- * process already loaded it: the same soname, libgomp.so.1).
+ * the compiler maps v16 to AVX-512, AVX2, NEON or scalar code for the machine it compiles on (-march=native).
+ * Results differ from MKL's only by the order of float additions (about 1e-6 relative). Parallel over output
+ * blocks with OpenMP (PyTorch's own runtime when the process already loaded it: the same soname, libgomp.so.1).
  */
 #include <string.h>
 
@@ -89,7 +89,9 @@ void mtplab_few_rows_linear(const float *x, const float *w, float *y, long n, lo
  * mtplab's "fused" step (mtplab/fastpath.py): the same formulas as transformers' LlamaDecoderLayer, with every
  * product done by the kernel above, so a layer costs two calls instead of ~25 small PyTorch ops. Each row is
  * computed on its own, in the same order whatever the number of rows: a verify pass over n tokens gives each row
- * exactly what a one-token step would. The KV cache stays a PyTorch tensor between the two calls (cache.update).
+ * exactly what a one-token step would. Keys and values are written straight into mtplab's KV cache buffers
+ * (models.GrowingLayer.extend makes the room). The block sizes and the prefetch distance were tuned on one Xeon;
+ * whether these layers are used at all is measured on each machine (mtplab.kernels.check_whole_passes).
  */
 #include <math.h>
 #include <stdlib.h>
