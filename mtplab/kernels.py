@@ -174,6 +174,9 @@ def _load_stream() -> str | None:
                        ("mtplab_attn_in", [P, L, L, P, F32, P, P, P, L, L, L, P, P, P, P, P, L, L, I]),
                        ("mtplab_attn_out", [P, L, L, P, P, P, L, L, L, L, L, F32, P, P, P, F32, P, P, P, L, I])):
         getattr(handle, name).argtypes, getattr(handle, name).restype = args, None
+    if hasattr(handle, "mtplab_mtp_step"):  # only where the compiler knows _Float16 (GCC 12+, Clang)
+        handle.mtplab_mtp_step.argtypes = [P, P, L, L, L, L, L, P, F32, P, P, P, P, P, P, P, I]
+        handle.mtplab_mtp_step.restype = None
     _LIB, _STREAM = handle, handle.mtplab_few_rows_linear
     return None
 
@@ -240,6 +243,7 @@ def load_measurements() -> dict:
     data.setdefault("threads", torch.get_num_threads())
     data.setdefault("shapes", {})
     data.setdefault("passes", {})
+    data.setdefault("choices", {})  # timed_choice: {key: {run name: seconds}}
     return data
 
 
@@ -615,6 +619,33 @@ def check_whole_passes(model: nn.Module, run_pass: Callable[[int], None], refres
             plan.fused = [seconds["fused"].get(n, float("inf")) < 0.98 * seconds[plan.used(n)].get(n, 0.0)
                           for n in range(1, MAX_ROWS + 1)]
     return seconds
+
+
+def timed_choice(key: str, runs: dict, sweep: Callable[[], None] | None = None, reps: int = 15) -> str:
+    """The fastest of ``runs`` (``{name: callable}``, the first one the reference) on this machine: each run
+    ``reps`` times, interleaved, after ``sweep()`` (e.g. a target pass, which evicts a drafter's weights from the
+    cache as decoding does), under ``torch.inference_mode``; measured once per machine and ``key``, then cached.
+    Another run wins only if its median beats the reference's by 2%."""
+    with _LOCK:
+        data = load_measurements()
+        if key not in data["choices"]:
+            times = {name: [] for name in runs}
+            with torch.inference_mode():
+                for i in range(reps + 1):
+                    for name, run in runs.items():
+                        if sweep is not None:
+                            sweep()
+                        t0 = time.perf_counter()
+                        run()
+                        if i:  # the first round warms up
+                            times[name].append(time.perf_counter() - t0)
+            data = load_measurements()
+            data["choices"][key] = {name: statistics.median(t) for name, t in times.items()}
+            save_measurements(data)
+        seconds = data["choices"][key]
+        first = next(iter(runs))
+        best = min(runs, key=lambda name: seconds[name])
+        return best if seconds[best] < 0.98 * seconds[first] else first
 
 
 def prepare(model: nn.Module, run_pass: Callable[[int], None], progress: bool = True) -> Plan | None:

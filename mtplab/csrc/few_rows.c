@@ -35,18 +35,19 @@ static inline v16 reduce16(const v16 *v) {
 
 /* y[r0 .. r0+RN-1][j0 .. j0+A-1]: A weight rows times RN rows of x, A * RN <= 16 vector accumulators. Every output
  * is summed in the same order (16 lanes along `in`, the same lane reduction, the same tail) whatever A and RN are:
- * a row's result does not depend on how many rows are computed with it. */
-#define BLOCK(A, RN)                                                                                       \
-static void block_##A##_##RN(const float *x, const float *w, float *y, long in, long out, long j0, long r0) { \
+ * a row's result does not depend on how many rows are computed with it. WT is the weight's element type, LOADW
+ * turns 16 of them into 16 floats (float32 weights, or half-precision ones below: the arithmetic is float32). */
+#define BLOCK_T(A, RN, WT, LOADW, SUF)                                                                    \
+static void block##SUF##_##A##_##RN(const float *x, const WT *w, float *y, long in, long out, long j0, long r0) { \
     v16 acc[16];                                                                                           \
     memset(acc, 0, sizeof acc);                                                                            \
-    const float *w0 = w + j0 * in;                                                                         \
+    const WT *w0 = w + j0 * in;                                                                            \
     long k = 0;                                                                                            \
     for (; k + 16 <= in; k += 16) {                                                                        \
         v16 wv[A], xv[RN];                                                                                 \
         for (int a = 0; a < A; a++) {                                                                      \
-            wv[a] = load(w0 + a * in + k);                                                                 \
-            __builtin_prefetch(w0 + (a + PREFETCH_ROWS) * in + k);                                         \
+            wv[a] = LOADW(w0 + a * in + k);                                                                \
+            if (sizeof(WT) == 4 || (k & 31) == 0) __builtin_prefetch(w0 + (a + PREFETCH_ROWS) * in + k);  \
         }                                                                                                  \
         for (int r = 0; r < RN; r++) xv[r] = load(x + (r0 + r) * in + k);                                  \
         for (int a = 0; a < A; a++)                                                                        \
@@ -56,10 +57,11 @@ static void block_##A##_##RN(const float *x, const float *w, float *y, long in, 
     for (int a = 0; a < A; a++)                                                                            \
         for (int r = 0; r < RN; r++) {                                                                     \
             float s = sums[a * RN + r];                                                                    \
-            for (long kk = k; kk < in; kk++) s += w0[a * in + kk] * x[(r0 + r) * in + kk];                 \
+            for (long kk = k; kk < in; kk++) s += (float)w0[a * in + kk] * x[(r0 + r) * in + kk];          \
             y[(r0 + r) * out + j0 + a] = s;                                                                \
         }                                                                                                  \
 }
+#define BLOCK(A, RN) BLOCK_T(A, RN, float, load, )
 BLOCK(4, 1) BLOCK(4, 2) BLOCK(4, 3) BLOCK(4, 4)
 BLOCK(2, 5) BLOCK(2, 6) BLOCK(2, 7) BLOCK(2, 8)
 BLOCK(1, 1) BLOCK(1, 2) BLOCK(1, 3) BLOCK(1, 4) BLOCK(1, 5) BLOCK(1, 6) BLOCK(1, 7) BLOCK(1, 8)
@@ -84,6 +86,44 @@ void mtplab_few_rows_linear(const float *x, const float *w, float *y, long n, lo
         for (long j = full; j < out; j++) ONE_ROW_BLOCKS[rn](x, w, y, in, out, j, r0);
     }
 }
+
+/* The same product with float16 weights (IEEE half, as PyTorch's torch.float16), float32 x, y and arithmetic: half
+ * the bytes to read, for a drafter whose weights ship in float16 (mtplab.drafters.mtp). Up to 4 rows of x. Only
+ * where the compiler knows _Float16 (GCC 12+, Clang); mtplab.kernels asks whether the symbol exists. */
+#ifdef __FLT16_MAX__
+#if defined(__AVX512F__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+typedef _Float16 h16 __attribute__((vector_size(32)));
+static inline v16 load_h(const _Float16 *p) {  /* GCC 12 turns __builtin_convertvector here into 16 scalar converts */
+#if defined(__AVX512F__)
+    __m512 f = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+    v16 v; memcpy(&v, &f, sizeof v); return v;
+#elif defined(__F16C__)
+    __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+    __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 8)));
+    v16 v; memcpy(&v, &lo, 32); memcpy((char *)&v + 32, &hi, 32); return v;
+#else
+    h16 v; memcpy(&v, p, sizeof v); return __builtin_convertvector(v, v16);
+#endif
+}
+BLOCK_T(4, 1, _Float16, load_h, _h) BLOCK_T(4, 2, _Float16, load_h, _h) BLOCK_T(4, 3, _Float16, load_h, _h)
+BLOCK_T(4, 4, _Float16, load_h, _h) BLOCK_T(1, 1, _Float16, load_h, _h) BLOCK_T(1, 2, _Float16, load_h, _h)
+BLOCK_T(1, 3, _Float16, load_h, _h) BLOCK_T(1, 4, _Float16, load_h, _h)
+
+typedef void (*block_h_fn)(const float *, const _Float16 *, float *, long, long, long, long);
+static const block_h_fn BLOCKS_H[5] = {0, block_h_4_1, block_h_4_2, block_h_4_3, block_h_4_4};
+static const block_h_fn ONE_ROW_BLOCKS_H[5] = {0, block_h_1_1, block_h_1_2, block_h_1_3, block_h_1_4};
+
+void mtplab_few_rows_linear_f16(const float *x, const _Float16 *w, float *y, long n, long in, long out, int threads) {
+    for (long r0 = 0; r0 < n; r0 += 4) {
+        long rn = n - r0 < 4 ? n - r0 : 4, full = out / 4 * 4;
+        #pragma omp parallel for num_threads(threads) schedule(static)
+        for (long j0 = 0; j0 < full; j0 += 4) BLOCKS_H[rn](x, w, y, in, out, j0, r0);
+        for (long j = full; j < out; j++) ONE_ROW_BLOCKS_H[rn](x, w, y, in, out, j, r0);
+    }
+}
+#endif
 
 /* ---- One decoder layer of a Llama-architecture model for a few rows, in two calls ------------------------------
  * mtplab's "fused" step (mtplab/fastpath.py): the same formulas as transformers' LlamaDecoderLayer, with every
@@ -243,3 +283,40 @@ void mtplab_attn_out(float *x, long n, long H, const float *q, const float *K, c
     for (long i = 0; i < n * H; i++) x[i] += tmp[i];
     free(o); free(tmp); free(g); free(u); free(p);
 }
+
+/* ---- One drafting step of mtplab's MTP head, from float16 weights ---------------------------------------------
+ * MTPHead (mtplab/drafters/mtp.py, without the context-attention block) and the draft logits for n rows, in one
+ * call instead of ~40 PyTorch ops, reading the head's weights in float16 (as it ships: the same values) and the
+ * draft vocabulary's rows of the target's LM head in float16 (rounded), with float32 arithmetic:
+ *   x = [norm_h(h); norm_e(e)] Wp^T;   per block b: y = norm_b(x), x += (silu(y Wg_b^T) * (y Wu_b^T)) Wd_b^T;
+ *   s = norm_out(x);   logits = s Wlm^T.
+ * h, e, s: [n, H]; logits: [n, V]; norms: [blocks + 3, H] (norm_h, norm_e, the blocks', norm_out); wp: [H, 2H];
+ * wg, wu: [blocks, I, H]; wd: [blocks, H, I]; wlm: [V, H]. Whether it is used is measured on each machine
+ * (MTPDrafter.bind). */
+#ifdef __FLT16_MAX__
+void mtplab_mtp_step(const float *h, const float *e, long n, long H, long I, long blocks, long V, const float *norms,
+                     float eps, const _Float16 *wp, const _Float16 *wg, const _Float16 *wu, const _Float16 *wd,
+                     const _Float16 *wlm, float *s, float *logits, int threads) {
+    float *in = malloc(sizeof(float) * n * 2 * H), *x = malloc(sizeof(float) * n * H);
+    float *y = malloc(sizeof(float) * n * H), *g = malloc(sizeof(float) * n * I), *u = malloc(sizeof(float) * n * I);
+    float *t = malloc(sizeof(float) * n * I);
+    for (long r = 0; r < n; r++) {
+        rms_norm(h + r * H, norms, in + r * 2 * H, 1, H, eps);
+        rms_norm(e + r * H, norms + H, in + r * 2 * H + H, 1, H, eps);
+    }
+    mtplab_few_rows_linear_f16(in, wp, x, n, 2 * H, H, threads);
+    for (long b = 0; b < blocks; b++) {
+        rms_norm(x, norms + (2 + b) * H, y, n, H, eps);
+        mtplab_few_rows_linear_f16(y, wg + b * I * H, g, n, H, I, threads);
+        mtplab_few_rows_linear_f16(y, wu + b * I * H, u, n, H, I, threads);
+        for (long i = 0; i < n * I; i++) t[i] = -g[i];  /* silu(g) * u = g / (1 + exp(-g)) * u */
+        exp_inplace(t, n * I);
+        for (long i = 0; i < n * I; i++) g[i] = g[i] / (1.0f + t[i]) * u[i];
+        mtplab_few_rows_linear_f16(g, wd + b * H * I, y, n, I, H, threads);
+        for (long i = 0; i < n * H; i++) x[i] += y[i];
+    }
+    rms_norm(x, norms + (2 + blocks) * H, s, n, H, eps);
+    mtplab_few_rows_linear_f16(s, wlm, logits, n, H, V, threads);
+    free(in); free(x); free(y); free(g); free(u); free(t);
+}
+#endif

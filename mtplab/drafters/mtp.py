@@ -174,6 +174,72 @@ def restricted_lm_head(target, vocab_ids: torch.Tensor | None) -> torch.Tensor:
     return entry[1][vocab]
 
 
+class FusedHeadStep:
+    """:class:`MTPHead`'s step and the draft logits in one C call (``mtplab_mtp_step`` in ``mtplab/csrc/few_rows.c``)
+    from float16 copies: of the head's weights (which ship in float16, so these are the same values) and of the
+    draft vocabulary's rows of the target's LM head (rounded to float16), with float32 arithmetic. Half the bytes
+    and none of the ~40 small ops of the module path; the drafts' q differ from it by float16 rounding of the LM
+    head, which verification does not care about (it is exact for any q). For a head without the context block whose
+    weights are float16 values (one saved in float16 and loaded); :meth:`fresh` says whether the weights are still
+    the ones copied (training changes them)."""
+
+    def __init__(self, head: MTPHead, lm_head_weight: torch.Tensor, vocab_ids: torch.Tensor | None):
+        blocks = head.blocks
+        self.head, self.lm_weight = head, weakref.ref(lm_head_weight)
+        self.sizes = (head.config["hidden_size"], head.config["intermediate_size"], len(blocks))
+        half = lambda ts: torch.stack([t.detach() for t in ts]).half().contiguous()
+        self.wp = head.proj.weight.detach().half().contiguous()
+        self.wg, self.wu, self.wd = (half([getattr(b, name).weight for b in blocks]) for name in ("gate", "up", "down"))
+        rows = lm_head_weight if vocab_ids is None else lm_head_weight[vocab_ids]
+        self.wlm = rows.detach().half().contiguous()
+        self.norms = torch.stack([n.weight.detach() for n in (head.norm_h, head.norm_e, *(b.norm for b in blocks),
+                                                              head.norm_out)]).float().contiguous()
+        self.versions = self._versions()
+
+    @staticmethod
+    def unavailable(head: MTPHead, lm_head_weight: torch.Tensor) -> str | None:
+        """Why a head cannot take this step (``None``: it can)."""
+        from .. import kernels
+
+        if kernels.mode() == "off":
+            return "MTPLAB_KERNELS=off"
+        if kernels.unavailable("stream") is not None or not hasattr(kernels._LIB, "mtplab_mtp_step"):
+            return kernels.unavailable("stream") or "the C compiler here has no _Float16"
+        if head.attn is not None:
+            return "the head reads the context (an attention block)"
+        if lm_head_weight.device.type != "cpu" or lm_head_weight.dtype != torch.float32:
+            return "the target's LM head is not float32 on the CPU"
+        for name, p in head.named_parameters():
+            if p.device.type != "cpu" or p.dtype != torch.float32 or not torch.equal(p.detach().half().float(), p.detach()):
+                return f"the head's {name} is not float32 holding float16 values (save it in float16 and load it)"
+        return None
+
+    def _versions(self):
+        lm = self.lm_weight()
+        return [p._version for p in self.head.parameters()] + [None if lm is None else lm._version]
+
+    def fresh(self) -> bool:
+        """Whether the head's and the LM head's weights are still the ones copied (training changes them)."""
+        return self._versions() == self.versions
+
+    def __call__(self, h: torch.Tensor, e: torch.Tensor):
+        """``(s, logits)`` on the draft vocabulary for states ``h`` and token embeddings ``e`` ``[n, H]``."""
+        from .. import kernels
+
+        H, I, blocks = self.sizes
+        h, e = h.float().contiguous(), e.float().contiguous()
+        n = h.shape[0]
+        s, logits = torch.empty(n, H), torch.empty(n, self.wlm.shape[0])
+        kernels._LIB.mtplab_mtp_step(h.data_ptr(), e.data_ptr(), n, H, I, blocks, self.wlm.shape[0],
+                                     self.norms.data_ptr(), NORM_EPS, self.wp.data_ptr(), self.wg.data_ptr(),
+                                     self.wu.data_ptr(), self.wd.data_ptr(), self.wlm.data_ptr(), s.data_ptr(),
+                                     logits.data_ptr(), torch.get_num_threads())
+        return s, logits
+
+
+_FUSED_STEPS = weakref.WeakKeyDictionary()  # head -> {(id of the LM head weight, draft vocabulary): FusedHeadStep}
+
+
 def full_vocab_logits(small: torch.Tensor, vocab_ids: torch.Tensor | None, vocab_size: int) -> torch.Tensor:
     """Logits on the draft vocabulary spread over the full vocabulary, ``-inf`` elsewhere (q is zero there)."""
     if vocab_ids is None:
@@ -212,7 +278,7 @@ class MTPDrafter(Drafter):
         self.head = head.eval()
         self.vocab_ids = None if vocab_ids is None else torch.as_tensor(vocab_ids, dtype=torch.long)
         self.name = name
-        self.target = None
+        self.target, self._fused = None, None
         self.reset([])
 
     def bind(self, target) -> None:
@@ -227,6 +293,35 @@ class MTPDrafter(Drafter):
         self.embed = target.model.get_input_embeddings()
         self._lm_head_t = restricted_lm_head(target, self.vocab_ids)
         self.head.to(device=self._lm_head_t.device, dtype=self._lm_head_t.dtype)
+        self._fused = self._fused_step(target)
+
+    def _fused_step(self, target) -> FusedHeadStep | None:
+        """The :class:`FusedHeadStep` for this head and target, if it can run and was measured faster here than
+        the modules (once per machine and head shape; one per head and target, shared by drafters of one head)."""
+        from .. import kernels
+        from ..models import kernel_pass
+
+        lm_weight = target.model.get_output_embeddings().weight
+        if FusedHeadStep.unavailable(self.head, lm_weight) is not None:
+            return None
+        vocab = None if self.vocab_ids is None else tuple(self.vocab_ids.tolist())
+        steps = _FUSED_STEPS.setdefault(self.head, {})
+        made = steps.get((id(lm_weight), vocab))
+        if made is None or made[0]() is not lm_weight:
+            fused, target_pass = FusedHeadStep(self.head, lm_weight, self.vocab_ids), kernel_pass(target.model)
+            h = torch.zeros(1, lm_weight.shape[1])
+
+            def advance(step):  # a drafting step through the modules (None) or the fused step
+                def run():
+                    self._fused = step
+                    self.advance(h, [1], None)
+                return run
+
+            runs = {"modules": advance(None), "fused": advance(fused)}
+            key = f"mtp-step|{kernels.model_key(target.model)}|{self.head.config}|{len(vocab or ())}"
+            faster = kernels.timed_choice(key, runs, sweep=lambda: target_pass(1)) == "fused"
+            made = steps[id(lm_weight), vocab] = (weakref.ref(lm_weight), fused if faster else None)
+        return made[1]
 
     def logits(self, s: torch.Tensor) -> torch.Tensor:
         """Draft logits over the full vocabulary (``-inf`` outside the draft vocabulary)."""
@@ -275,6 +370,16 @@ class MTPDrafter(Drafter):
             ctx = (K, V, match, distance, torch.ones(1, m, dtype=torch.bool, device=h.device))
         return self.head(h, self.embed(tokens), ctx)
 
+    def advance(self, h, tokens: list, context):
+        """:meth:`step` and :meth:`logits` together: through the :class:`FusedHeadStep` where bind chose it (and
+        the weights are still those it copied, and no gradient is wanted), else through the modules."""
+        fused = self._fused
+        if fused is not None and context is None and not torch.is_grad_enabled() and fused.fresh():
+            s, small = fused(h, self.embed(torch.tensor(tokens)))
+            return s, full_vocab_logits(small, self.vocab_ids, self.target.vocab_size)
+        s = self.step(h, tokens, context)
+        return s, self.logits(s)
+
     def propose(self, ids, k, cfg, generator, target_hidden=None) -> Draft:
         if target_hidden is None:
             raise ValueError("MTPDrafter needs the target's last hidden state (the decoder passes it)")
@@ -282,8 +387,7 @@ class MTPDrafter(Drafter):
         tree = cfg.greedy and (self.tree_width > 1 or self.tree_copy)
         seqs, states, qs, ended = [list(ids)], target_hidden[None], [], []  # seqs[0]: ids + the main draft
         for i in range(k):
-            states = self.step(states, [seq[-1] for seq in seqs], context)  # every live draft advances at once
-            logits = self.logits(states)
+            states, logits = self.advance(states, [seq[-1] for seq in seqs], context)  # all live drafts at once
             for b, seq in enumerate(seqs):
                 q = probs(logits[b], cfg)
                 copied = lookup(seq, 1, 3, self.context_ngram) if self.context_ngram else []
