@@ -30,7 +30,12 @@ exit. Outside that block the model is exactly the user's: ``generate``, ``save_p
 plan, without it, and through :mod:`mtplab.fastpath`'s fused C layers (two C calls a layer instead of ~25 ops);
 each pass size runs whichever was fastest here (:meth:`Plan.used`).
 
-``MTPLAB_KERNELS=auto`` (default) tunes and uses the plan; ``MTPLAB_KERNELS=off`` uses ``F.linear`` everywhere.
+**Other choices** between ways of computing the same thing (e.g. an MTP drafter's step through its modules or
+through one C call, :class:`mtplab.drafters.mtp.FusedHeadStep`) are timed the same way, once per machine, by
+:func:`timed_choice`.
+
+``MTPLAB_KERNELS=auto`` (default) tunes and uses the plan; ``MTPLAB_KERNELS=off`` uses ``F.linear`` everywhere
+(and no C step at all).
 """
 from __future__ import annotations
 

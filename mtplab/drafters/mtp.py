@@ -13,7 +13,8 @@ The same idea as Gemma 4's MTP "assistant" drafters and DeepSeek-V3's MTP module
 One target forward gives h_t; the head then drafts k tokens one after another, feeding its own state back, at the
 cost of one small MLP plus one LM-head product per token. The LM head can be restricted to the most frequent
 ``draft_vocab_size`` tokens (like Gemma 4's sparse head): q is then zero elsewhere, which verification handles
-exactly (those tokens come back through the residual). The head keeps no KV cache, so rollback is free.
+exactly (those tokens come back through the residual). The head keeps no KV cache, so rollback is free. On a CPU
+the step runs as one C call from float16 weights where that was measured faster (:class:`FusedHeadStep`).
 
 Optionally (``context_attention=True``) the head also reads the context, as Gemma 4's assistant reads the target's
 KV cache: one attention block after the first projection, whose memory holds, for every position j the target has
