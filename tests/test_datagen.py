@@ -115,6 +115,28 @@ def test_generate_answers_writes_resumable_shards_that_match_plain_decoding(bund
         assert ids[start:] == want[: len(ids) - start]  # batched, left-padded greedy = mtplab's plain greedy
 
 
+@pytest.mark.slow
+def test_answers_decoded_in_bfloat16_come_from_a_bfloat16_copy_and_say_so(bundled, tmp_path):
+    import copy
+
+    prompts = ["Name a color.", "What is two plus two?"]
+    datagen.generate_answers(bundled, prompts, tmp_path, batch_size=1, max_new_tokens=6, precision="bfloat16",
+                             progress=False)  # (one at a time: bfloat16 rounding differs with the batch's padding)
+    assert bundled.model.dtype == torch.float32  # the target itself is untouched
+    shard = torch.load(next(tmp_path.glob("shard_*.pt")), weights_only=True)
+    assert shard["dtype"] == "bfloat16"
+    half = copy.deepcopy(bundled.model).to(torch.bfloat16)
+    for ids, start in datagen.load_sequences(tmp_path):
+        with torch.inference_mode():
+            want = half.generate(torch.tensor([ids[:start]]), max_new_tokens=6, do_sample=False)[0, start:].tolist()
+        assert ids[start:] == want[: len(ids) - start]
+
+
+def test_generate_answers_refuses_an_unknown_precision(tmp_path):
+    with pytest.raises(ValueError, match="precision must be one of .*'float16'"):
+        datagen.generate_answers(None, ["hi"], tmp_path, precision="float16")
+
+
 # --- the shipped drafter ----------------------------------------------------------------------------------------
 
 def test_shipped_drafter_is_small_and_documented():
