@@ -215,6 +215,9 @@ def doc_snippets(limit: int | None = None, seed: int = 0) -> list:
     return snippets[:limit]
 
 
+COMPLETE = "complete"  # written into a stage's folder once every batch of its prompts has a shard
+
+
 @torch.inference_mode()
 def generate_answers(target, prompts: list, out_dir, *, batch_size: int = 256, max_new_tokens: int = 256,
                      temperature: float = 0.0, max_prompt_tokens: int = 512, seed: int = 0,
@@ -224,7 +227,7 @@ def generate_answers(target, prompts: list, out_dir, *, batch_size: int = 256, m
 
     Writes ``out_dir/shard_NNNNN.pt`` per batch (``tokens``: prompt + answer ids of each sequence, flat;
     ``lengths``; ``answer_start``; ``dtype``: the arithmetic that decoded them), skipping shards that exist, so a
-    re-run resumes. Stops early (cleanly, at a batch boundary) once ``time.time()`` passes ``deadline``.
+    re-run resumes, and ``out_dir/complete`` once every batch has its shard. Stops early (cleanly, at a batch boundary) once ``time.time()`` passes ``deadline``.
     ``precision``: ``"float32"`` (default: the target's own answers), ``"bfloat16"`` (a bfloat16 copy of the target
     decodes: about 2x the tokens/s on a CPU with bfloat16 units, answers that follow the float32 target's greedy
     path less closely, ~0.7 of 32-token continuations token for token on the bundled model; training recomputes the
@@ -281,6 +284,8 @@ def generate_answers(target, prompts: list, out_dir, *, batch_size: int = 256, m
                         lengths=torch.tensor([len(s) for s in seqs]), answer_start=torch.tensor(starts),
                         dtype=str(dtype).removeprefix("torch.")), path)
         bar.set_postfix(tok_per_s=f"{new_tokens / (time.perf_counter() - t0):.0f}")
+    if all((out_dir / f"shard_{b:05d}.pt").exists() for b in range(len(batches))):
+        (out_dir / COMPLETE).write_text(f"{len(batches)} shards\n")
     return out_dir
 
 
@@ -324,11 +329,14 @@ def build_answer_corpus(target, out_dir, *, minutes: float | None = None, batch_
     (out / "prompts_a.json").write_text(json.dumps(prompts_a, indent=0))
     generate_answers(target, prompts_a, out / "a_greedy", **gen)
     b_path = out / "prompts_b.json"
-    if not b_path.exists():
+    if not (out / "a_greedy" / COMPLETE).exists():  # stage B asks about all of stage A's answers: wait for them
+        log("stage A is not complete (time ran out): stage B waits for a re-run")
+    elif not b_path.exists():
         pairs = decoded_pairs(target, load_sequences(out / "a_greedy"))
         docs = doc_snippets(limit=None if limit is None else limit // 4)
         b_path.write_text(json.dumps(make_followup_prompts(pairs, docs), indent=0))
-    generate_answers(target, json.loads(b_path.read_text()), out / "b_greedy", **gen)
+    if b_path.exists():
+        generate_answers(target, json.loads(b_path.read_text()), out / "b_greedy", **gen)
     generate_answers(target, prompts_a, out / "a_t07", temperature=0.7, seed=1, **gen)
     sequences = []
     for name in ("a_greedy", "b_greedy", "a_t07"):

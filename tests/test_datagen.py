@@ -132,6 +132,30 @@ def test_answers_decoded_in_bfloat16_come_from_a_bfloat16_copy_and_say_so(bundle
         assert ids[start:] == want[: len(ids) - start]
 
 
+def test_stage_b_waits_until_stage_a_is_complete(tmp_path, monkeypatch):
+    """Stage B's prompts ask about all of stage A's answers: a run whose time ran out in stage A must not freeze
+    them from the part it has (a re-run that completes A makes them)."""
+    calls = []
+
+    def fake_generate(target, prompts, out_dir, **kw):
+        calls.append(out_dir.name)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if out_dir.name == "a_greedy" and finish_a:
+            (out_dir / datagen.COMPLETE).write_text("1 shards\n")
+        return out_dir
+
+    monkeypatch.setattr(datagen, "generate_answers", fake_generate)
+    monkeypatch.setattr(datagen, "make_prompts", lambda: ["p1", "p2"])
+    monkeypatch.setattr(datagen, "decoded_pairs", lambda target, seqs: [("p1", "a1"), ("p2", "a2")])
+    monkeypatch.setattr(datagen, "doc_snippets", lambda limit=None: [])
+    finish_a = False
+    datagen.build_answer_corpus(None, tmp_path, log=lambda msg: None)
+    assert calls == ["a_greedy", "a_t07"] and not (tmp_path / "prompts_b.json").exists()
+    finish_a, calls[:] = True, []
+    datagen.build_answer_corpus(None, tmp_path, log=lambda msg: None)
+    assert calls == ["a_greedy", "b_greedy", "a_t07"] and (tmp_path / "prompts_b.json").exists()
+
+
 def test_generate_answers_refuses_an_unknown_precision(tmp_path):
     with pytest.raises(ValueError, match="precision must be one of .*'float16'"):
         datagen.generate_answers(None, ["hi"], tmp_path, precision="float16")
