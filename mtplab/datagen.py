@@ -227,7 +227,8 @@ def generate_answers(target, prompts: list, out_dir, *, batch_size: int = 256, m
 
     Writes ``out_dir/shard_NNNNN.pt`` per batch (``tokens``: prompt + answer ids of each sequence, flat;
     ``lengths``; ``answer_start``; ``dtype``: the arithmetic that decoded them), skipping shards that exist, so a
-    re-run resumes, and ``out_dir/complete`` once every batch has its shard. Stops early (cleanly, at a batch boundary) once ``time.time()`` passes ``deadline``.
+    re-run resumes, and ``out_dir/complete`` once every batch has its shard. Stops early (cleanly, at a batch
+    boundary) once ``time.time()`` passes ``deadline``.
     ``precision``: ``"float32"`` (default: the target's own answers), ``"bfloat16"`` (a bfloat16 copy of the target
     decodes: about 2x the tokens/s on a CPU with bfloat16 units, answers that follow the float32 target's greedy
     path less closely, ~0.7 of 32-token continuations token for token on the bundled model; training recomputes the
@@ -245,8 +246,8 @@ def generate_answers(target, prompts: list, out_dir, *, batch_size: int = 256, m
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tok, model = target.tokenizer, target.model
-    width = model.get_input_embeddings().weight.shape[1]
-    dtype = torch.bfloat16 if precision == "bfloat16" or (precision == "auto" and bf16_pays(model.device, width)) \
+    hidden = model.get_input_embeddings().weight.shape[1]
+    dtype = torch.bfloat16 if precision == "bfloat16" or (precision == "auto" and bf16_pays(model.device, hidden)) \
         else model.dtype
     decoder = None  # the model that decodes: the target, or its bfloat16 copy (made when a batch needs it)
     pad = tok.pad_token_id if tok.pad_token_id is not None else min(target.eos_token_ids)

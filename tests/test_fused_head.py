@@ -8,7 +8,6 @@ import torch
 import mtplab
 from mtplab import SpeculativeDecoder, kernels, sampling
 from mtplab.drafters.mtp import FusedHeadStep, MTPDrafter, MTPHead
-from mtplab.sampling import SamplingConfig
 
 from conftest import tiny
 from test_distribution import CONFIGS, CTX, V, dist, first_token_dist, target_joint, two_token_dist

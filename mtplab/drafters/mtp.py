@@ -204,8 +204,9 @@ class FusedHeadStep:
 
         if kernels.mode() == "off":
             return "MTPLAB_KERNELS=off"
-        if kernels.unavailable("stream") is not None or not hasattr(kernels._LIB, "mtplab_mtp_step"):
-            return kernels.unavailable("stream") or "the C compiler here has no _Float16"
+        why = kernels.unavailable("stream")
+        if why is not None or not hasattr(kernels._LIB, "mtplab_mtp_step"):
+            return why or "the C compiler here has no _Float16"
         if head.attn is not None:
             return "the head reads the context (an attention block)"
         if lm_head_weight.device.type != "cpu" or lm_head_weight.dtype != torch.float32:
@@ -238,7 +239,9 @@ class FusedHeadStep:
         return s, logits
 
 
-_FUSED_STEPS = weakref.WeakKeyDictionary()  # head -> {(id of the LM head weight, draft vocabulary): FusedHeadStep}
+# head -> {(id of the LM head weight, draft vocabulary): (a weak reference to that weight, the FusedHeadStep to use,
+# or None where the modules were measured faster)}
+_FUSED_STEPS = weakref.WeakKeyDictionary()
 
 
 def full_vocab_logits(small: torch.Tensor, vocab_ids: torch.Tensor | None, vocab_size: int) -> torch.Tensor:
@@ -310,15 +313,9 @@ class MTPDrafter(Drafter):
         made = steps.get((id(lm_weight), vocab))
         if made is None or made[0]() is not lm_weight:
             fused, target_pass = FusedHeadStep(self.head, lm_weight, self.vocab_ids), kernel_pass(target.model)
-            h = torch.zeros(1, lm_weight.shape[1])
-
-            def advance(step):  # a drafting step through the modules (None) or the fused step
-                def run():
-                    self._fused = step
-                    self.advance(h, [1], None)
-                return run
-
-            runs = {"modules": advance(None), "fused": advance(fused)}
+            h, e, V = torch.zeros(1, lm_weight.shape[1]), self.embed(torch.tensor([1])).detach(), target.vocab_size
+            runs = {"modules": lambda: self.logits(self.step(h, [1], None)),  # a drafting step each way
+                    "fused": lambda: full_vocab_logits(fused(h, e)[1], self.vocab_ids, V)}
             key = f"mtp-step|{kernels.model_key(target.model)}|{self.head.config}|{len(vocab or ())}"
             faster = kernels.timed_choice(key, runs, sweep=lambda: target_pass(1)) == "fused"
             made = steps[id(lm_weight), vocab] = (weakref.ref(lm_weight), fused if faster else None)
