@@ -227,7 +227,7 @@ def generate_answers(target, prompts: list, out_dir, *, batch_size: int = 256, m
 
     Writes ``out_dir/shard_NNNNN.pt`` per batch (``tokens``: prompt + answer ids of each sequence, flat;
     ``lengths``; ``answer_start``; ``dtype``: the arithmetic that decoded them), skipping shards that exist, so a
-    re-run resumes, and ``out_dir/complete`` once every batch has its shard. Stops early (cleanly, at a batch
+    re-run resumes (with the batch size the stage began with), and ``out_dir/complete`` once every batch has its shard. Stops early (cleanly, at a batch
     boundary) once ``time.time()`` passes ``deadline``.
     ``precision``: ``"float32"`` (default: the target's own answers), ``"bfloat16"`` (a bfloat16 copy of the target
     decodes: about 2x the tokens/s on a CPU with bfloat16 units, answers that follow the float32 target's greedy
@@ -253,6 +253,7 @@ def generate_answers(target, prompts: list, out_dir, *, batch_size: int = 256, m
     pad = tok.pad_token_id if tok.pad_token_id is not None else min(target.eos_token_ids)
     encoded = [ids for ids in (chat_ids(tok, p) for p in prompts) if len(ids) <= max_prompt_tokens]
     encoded.sort(key=len)  # similar lengths per batch: little padding
+    batch_size = _stage_batch_size(out_dir, batch_size, log)
     batches = [encoded[i:i + batch_size] for i in range(0, len(encoded), batch_size)]
     eos = sorted(target.eos_token_ids)
     t0, new_tokens = time.perf_counter(), 0
@@ -310,6 +311,26 @@ def decoded_pairs(target, seqs) -> list:
         m = user.search(tok.decode(ids[:start]))
         pairs.append((m.group(1) if m else "", tok.decode(ids[start:], skip_special_tokens=True)))
     return pairs
+
+
+def _stage_batch_size(out_dir: Path, batch_size: int, log) -> int:
+    """The batch size a stage's shards are cut with: shard ``b`` holds batch ``b``, so a stage resumes with the size
+    it began with (``out_dir/batches.json``; for shards written before that record, the first shard's count), not
+    a new ``batch_size``, which would skip some prompts and answer others twice."""
+    import json
+
+    record = out_dir / "batches.json"
+    if record.exists():
+        size = json.loads(record.read_text())["batch_size"]
+    elif (out_dir / "shard_00000.pt").exists():
+        size = len(torch.load(out_dir / "shard_00000.pt", weights_only=True)["lengths"])
+    else:
+        size = batch_size
+    if not record.exists():
+        record.write_text(json.dumps(dict(batch_size=size)))
+    if size != batch_size:
+        log(f"{out_dir}: its shards hold batches of {size} prompts, so it resumes with {size} (not {batch_size})")
+    return size
 
 
 def build_answer_corpus(target, out_dir, *, minutes: float | None = None, batch_size: int = 256,

@@ -14,7 +14,9 @@ the run was trained on and with, so a re-run resumes it and a run with other dat
 """
 from __future__ import annotations
 
+import copy
 import hashlib
+import json
 import math
 import time
 from array import array
@@ -155,27 +157,142 @@ def _pad_batch(batch, pad: int, device):
     return ids.to(device), mask.to(device), answer.to(device)
 
 
-TEACHER_TOKENS = 512  # the target reads a batch in pieces of about this many tokens: its full-vocabulary logits
-# ([tokens, vocabulary] floats: 100 MB for the bundled target) are the peak of a training step's memory
+TEACHER_TOKENS = 512  # rows of the target's logits over its whole vocabulary taken at a time (for their argmax)
 
 
 @torch.no_grad()
-def _teacher(model, ids, mask, vocab_ids, hidden=True):
-    """The target's hidden states (``hidden``: ``True`` for the last ones, or layer ids, as the head reads them),
-    its next-token distribution restricted (and renormalised) to the draft vocabulary, and its greedy next token
-    (argmax over the whole vocabulary). The batch is read a few sequences at a time (:data:`TEACHER_TOKENS`)."""
-    rows = max(1, TEACHER_TOKENS // ids.shape[1])
-    if ids.shape[0] > rows:
-        parts = [_teacher(model, ids[i:i + rows], mask[i:i + rows], vocab_ids, hidden)
-                 for i in range(0, ids.shape[0], rows)]
-        return tuple(torch.cat(part) for part in zip(*parts))
-    with last_hidden(model, hidden) as got:
-        o = model(input_ids=ids, attention_mask=mask, **got.kwargs)
-    logits = o.logits.float()
-    top = logits.argmax(-1)
-    if vocab_ids is not None:  # softmax over the draft vocabulary = the full softmax restricted and renormalised
-        logits = logits[..., vocab_ids]
-    return got.hidden(o).float(), torch.softmax(logits, dim=-1), top
+def _teacher(model, ids, mask, hidden=True):
+    """What the heads learn from, per position: the target's hidden states (``hidden``: ``True`` for the last ones,
+    or layer ids, as the head reads them), its final hidden state (the LM head's input: the teacher's logits on the
+    draft vocabulary are ``final @ lm_head_t``, see :func:`_teacher_p`) and its greedy next token (argmax over the
+    whole vocabulary, :data:`TEACHER_TOKENS` rows of logits at a time: all of them at once would be the peak of a
+    training step's memory)."""
+    with last_hidden(model, hidden) as got, last_hidden(model, True) as last:
+        o = model.get_decoder()(input_ids=ids, attention_mask=mask, **{**got.kwargs, **last.kwargs})
+    final = last.hidden(o)
+    rows, lm_head = final.flatten(0, -2), model.get_output_embeddings()
+    top = torch.cat([lm_head(rows[i:i + TEACHER_TOKENS]).argmax(-1) for i in range(0, len(rows), TEACHER_TOKENS)])
+    return got.hidden(o).float(), final.float(), top.view(final.shape[:-1])
+
+
+def _teacher_p(final, lm_head_t):
+    """The target's next-token distribution on the draft vocabulary (its softmax restricted and renormalised) from
+    its final hidden states: ``softmax(final @ lm_head_t)`` (the columns of ``lm_head_t``: the draft vocabulary)."""
+    return torch.softmax((final @ lm_head_t).float(), dim=-1)
+
+
+class TeacherStore:
+    """The target's outputs for every sequence (:func:`_teacher`: the hidden states the heads read, the final hidden
+    state, the greedy next token), computed once and kept in ``folder`` as memory-mapped ``.npy`` arrays, the hidden
+    states in bfloat16 (4.6 KB a token for an EAGLE-3 head of the bundled target). Every batch after that reads them
+    instead of running the target: EAGLE-3's "offline" training data, for epochs over answers that took hours to
+    generate on a CPU.
+
+    :meth:`fill` writes the sequences in pieces (shortest first, so a piece pads little) and records each piece once it
+    is on disk, so an interrupted fill resumes; a folder that holds the outputs for other data, another target or
+    other layers is refused before anything is read. ``store[i]``: sequence ``i``'s ``[hidden, final, top]``."""
+
+    def __init__(self, folder, target, sequences, hidden=True):
+        import numpy as np
+
+        self.folder, self.sequences = Path(folder), sequences
+        self.meta = dict(model=target.name, hidden=hidden if hidden is True else list(hidden),
+                         data=data_fingerprint(sequences))
+        self.hidden_request = hidden
+        self.offsets = np.cumsum([0] + [len(ids) for ids, _ in sequences]).tolist()
+        meta_path = self.folder / "teacher.json"
+        if meta_path.exists():
+            saved = json.loads(meta_path.read_text())
+            diff = [k for k in self.meta if saved.get(k) != self.meta[k]]
+            if diff:
+                raise ValueError(f"{self.folder} holds the target's outputs for another run ("
+                                 + "; ".join(f"{_describe(k, saved.get(k))}, not {_describe(k, self.meta[k])}"
+                                             for k in diff)
+                                 + f"): use another folder or delete {self.folder}")
+            self.done = saved["done"]
+        else:
+            self.done = None  # nothing written yet
+        self.arrays = None
+
+    def _open(self, widths):
+        import numpy as np
+
+        rows, new = self.offsets[-1], self.done is None
+        mode = "w+" if new else "r+"
+        shapes = dict(hidden=((rows, widths[0]), np.uint16), final=((rows, widths[1]), np.uint16),
+                      top=((rows,), np.int32))
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.arrays = {k: np.lib.format.open_memmap(self.folder / f"{k}.npy", mode=mode, dtype=dt, shape=shape)
+                       for k, (shape, dt) in shapes.items()}
+        if new:
+            self.done = 0
+            self._record(widths)
+
+    def _record(self, widths):
+        path = self.folder / "teacher.json"
+        path.with_suffix(".tmp").write_text(json.dumps(dict(self.meta, done=self.done, widths=list(widths))))
+        path.with_suffix(".tmp").replace(path)  # atomic: a cut-off run never leaves half a record
+
+    @property
+    def complete(self) -> bool:
+        return self.done == len(self.sequences)
+
+    def fill(self, model, *, piece_tokens: int = 4096, pad: int = 0, progress: bool = True, log=print):
+        """Run ``model`` (the target, or its bfloat16 copy) over the sequences not yet stored, ``piece_tokens``
+        padded tokens at a time, flushing and recording each piece."""
+        from tqdm.auto import tqdm
+
+        order = sorted(range(len(self.sequences)), key=lambda i: len(self.sequences[i][0]))
+        start = self.done or 0
+        if self.done is not None and self.arrays is None:
+            self._open(json.loads((self.folder / "teacher.json").read_text())["widths"])
+        if self.complete:
+            return self
+        if start:
+            log(f"teacher store {self.folder}: resuming at sequence {start} of {len(order)}")
+        bar = tqdm(total=self.offsets[-1], initial=sum(len(self.sequences[i][0]) for i in order[:start]),
+                   desc="target outputs to disk", unit="tok", unit_scale=True, disable=not progress)
+        t0, written = time.perf_counter(), 0
+        i = start
+        while i < len(order):
+            j = i + 1
+            while j < len(order) and (j - i + 1) * len(self.sequences[order[j]][0]) <= piece_tokens:
+                j += 1
+            idx = order[i:j]
+            ids, mask, _ = _pad_batch([self.sequences[k] for k in idx], pad, model.device)
+            hidden, final, top = _teacher(model, ids, mask, self.hidden_request)
+            if self.arrays is None:
+                self._open((hidden.shape[-1], final.shape[-1]))
+            for row, k in enumerate(idx):
+                a, b = self.offsets[k], self.offsets[k + 1]
+                self.arrays["hidden"][a:b] = _bf16_bits(hidden[row, : b - a])
+                self.arrays["final"][a:b] = _bf16_bits(final[row, : b - a])
+                self.arrays["top"][a:b] = top[row, : b - a].cpu().numpy()
+                written += b - a
+                bar.update(b - a)
+            for array_ in self.arrays.values():
+                array_.flush()
+            self.done = i = j
+            self._record((hidden.shape[-1], final.shape[-1]))
+        bar.close()
+        log(f"teacher store {self.folder}: {written} tokens in {time.perf_counter() - t0:.0f} s")
+        return self
+
+    def __contains__(self, i) -> bool:
+        return self.complete
+
+    def __getitem__(self, i) -> list:
+        import numpy as np
+
+        a, b = self.offsets[i], self.offsets[i + 1]
+        read = lambda k: torch.from_numpy(np.array(self.arrays[k][a:b]))  # noqa: E731
+        return [read("hidden").view(torch.bfloat16).float(), read("final").view(torch.bfloat16).float(),
+                read("top").long()]
+
+
+def _bf16_bits(x):
+    """A float tensor as the uint16 bit patterns of its bfloat16 rounding (numpy has no bfloat16)."""
+    return x.detach().to(torch.bfloat16).view(torch.int16).cpu().numpy().view("uint16")
 
 
 PRECISIONS = ("auto", "float32", "bfloat16")
@@ -243,19 +360,63 @@ def _draft_states(head, embed, hidden, ids, unroll):
     return states
 
 
+class _DraftCrossEntropy(torch.autograd.Function):
+    """Per row of ``s`` ``[B, n, H]``: the soft cross-entropy ``-(p * log_softmax(s @ w)).sum(-1)`` of the draft logits
+    ``s @ w`` (``w`` ``[H, V]``: the target's frozen LM head on the draft vocabulary) against the teacher's ``p``
+    ``[B, n, V]``, and the greedy draft ``argmax(s @ w)`` (not differentiable). Only ``s`` gets a gradient:
+    ``((softmax(s @ w) - p) * grad) @ wᵀ``.
+
+    Computed a few rows at a time (:data:`CE_PIECE` logits), the backward pass recomputing each piece's logits, so
+    that no ``[tokens, V]`` array is made or kept: autograd's chain (logits, log-softmax, product, sum and their
+    gradients) made and kept several per draft step (150 MB each for 16 answers and the bundled target's 8192-token
+    draft vocabulary). An EAGLE-3 training step of 16 answers ran 3.7 s this way against 4.5 s (AMX Xeon, bfloat16).
+    The logits are in the autocast dtype where autocast is on (as ``s @ w`` would be), the softmax in float32."""
+
+    @staticmethod
+    def forward(ctx, s, w, p):
+        kind = s.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else s.dtype
+        w = w.to(dtype)
+        ce, top = s.new_empty(s.shape[:-1], dtype=torch.float32), s.new_empty(s.shape[:-1], dtype=torch.long)
+        for b, rows in _pieces(s, w.shape[1]):
+            logq = torch.log_softmax((s[b, rows].to(dtype) @ w).float(), dim=-1)
+            ce[b, rows] = -(p[b, rows, None, :] @ logq[..., None]).view(-1)
+            top[b, rows] = logq.argmax(-1)
+        ctx.save_for_backward(s, w, p)
+        ctx.mark_non_differentiable(top)
+        return ce, top
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        s, w, p = ctx.saved_tensors
+        ds = torch.empty_like(s)
+        for b, rows in _pieces(s, w.shape[1]):
+            dz = torch.softmax((s[b, rows].to(w.dtype) @ w).float(), dim=-1).sub_(p[b, rows]).mul_(grad[b, rows, None])
+            ds[b, rows] = (dz.to(w.dtype) @ w.T).to(s.dtype)
+        return ds, None, None
+
+
+CE_PIECE = 1 << 20  # logits in a piece of _DraftCrossEntropy: 4 MB of float32, which the caches hold
+
+
+def _pieces(s, vocab: int) -> list:
+    """``(sequence, rows)`` pieces of ``s`` ``[B, n, H]`` with about :data:`CE_PIECE` logits each."""
+    rows = max(1, CE_PIECE // vocab)
+    return [(b, slice(a, a + rows)) for b in range(s.shape[0]) for a in range(0, s.shape[1], rows)]
+
+
 def _sequence_loss(head, embed, lm_head_t, vocab_map, hidden, ids, answer, p, top, unroll, weights):
     """Unrolled soft cross-entropy where the predicted token is one to learn (``answer``): step j's state
-    (:func:`_draft_states`) predicts token t+j+1. Also whether each step's greedy draft is the target's greedy token,
-    and which seeds' whole drafts lie in the tokens to learn."""
+    (:func:`_draft_states`) predicts token t+j+1 (:class:`_DraftCrossEntropy`). Also whether each step's greedy draft
+    is the target's greedy token, and which seeds' whole drafts lie in the tokens to learn."""
     n = ids.shape[1] - unroll
     losses, matches, masks = [], [], []
     for j, s in enumerate(_draft_states(head, embed, hidden, ids, unroll), start=1):
-        logq = torch.log_softmax(s @ lm_head_t, dim=-1)
         m = answer[:, j + 1: j + 1 + n]
         m = torch.nn.functional.pad(m, (0, n - m.shape[1]))
-        ce = -(p[:, j:n + j] * logq).sum(-1)
+        ce, draft = _DraftCrossEntropy.apply(s, lm_head_t, p[:, j:n + j])
         losses.append((ce * m).sum() / m.sum().clamp_min(1))
-        matches.append(vocab_map[top[:, j:n + j]] == logq.argmax(-1))
+        matches.append(vocab_map[top[:, j:n + j]] == draft)
         masks.append(m)
     loss = sum(w * l for w, l in zip(weights, losses)) / sum(weights)
     return loss, torch.stack(matches), masks[0] & masks[-1]
@@ -328,7 +489,8 @@ def _check_same_run(ckpt: Path, saved: dict | None, run: dict) -> None:
 def train_on_sequences(target, sequences, out_dir, *, heads=((2, None),), draft_vocab_size: int | None = 8192,
                        unroll: int = 4, steps: int = 2000, batch_size: int = 16, lr: float = 2e-3,
                        val_size: int = 64, log_every: int = 100, checkpoint_every: int = 200,
-                       time_budget: float | None = None, restart: bool = False, cache_teacher: bool = False,
+                       time_budget: float | None = None, restart: bool = False,
+                       cache_teacher: bool | str | Path = False,
                        precision: str = "float32", seed: int = 0, progress: bool = True, log=print) -> list:
     """Train one or more MTP heads on ``sequences`` (``(ids, answer_start)`` pairs: the loss covers the tokens from
     ``answer_start`` on), running the target over each batch for its hidden states and distributions.
@@ -349,10 +511,13 @@ def train_on_sequences(target, sequences, out_dir, *, heads=((2, None),), draft_
     ``time_budget`` (seconds): shorten the run to fit, measured over its first 20 steps (the schedule adapts).
     ``restart``: continue from the checkpoint's weights and optimizer with a fresh schedule (warm-up, cosine) of
     ``steps`` — a warm restart, as used for the shipped drafter; the history's step count goes on.
-    ``cache_teacher``: keep the target's outputs for each sequence after its first batch instead of recomputing
-    them (memory: tokens x (hidden size + draft vocabulary) x 4 bytes), for small data on a CPU.
-    ``precision``: ``"float32"`` (default), ``"bfloat16"`` (the target's teacher pass and the heads' forward under
-    ``torch.autocast``; the weights, optimizer and saved drafters stay float32/float16 and drafting is unchanged) or
+    ``cache_teacher``: ``True``: keep the target's outputs for each sequence in memory after its first batch instead
+    of recomputing them (tokens x (hidden states read + hidden size) x 4 bytes), for small data; a folder: a
+    :class:`TeacherStore` there, filled (or resumed) before the first step, so that no step runs the target (its
+    hidden states rounded to bfloat16), for large data on a CPU.
+    ``precision``: ``"float32"`` (default), ``"bfloat16"`` (the teacher pass by a bfloat16 copy of the target, the
+    heads' forward under ``torch.autocast``; the heads' weights, optimizer and saved drafters stay float32/float16
+    and drafting is unchanged) or
     ``"auto"``: bfloat16 where :func:`bf16_pays` measures it clearly faster (on an AMX Xeon the teacher pass ran
     1.8x and the head step 1.6x faster), else float32. It may differ between a run and its resumption.
     Returns the drafters.
@@ -408,28 +573,35 @@ def train_on_sequences(target, sequences, out_dir, *, heads=((2, None),), draft_
         log(f"precision: {'bfloat16 (autocast)' if bf16 else 'float32'}"
             + (" (auto: measured on this machine)" if precision == "auto" else ""))
     mixed = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
+    # the target's teacher pass: a bfloat16 copy where bfloat16 pays (autocast would cast its weights every batch)
+    teacher = copy.deepcopy(model).to(torch.bfloat16) if bf16 and model.dtype != torch.bfloat16 else model
     v_ids = None if vocab_ids is None else vocab_ids.to(device)
     lm_head_t, vocab_map = _draft_head(target, v_ids)
     pad = min(target.eos_token_ids) if target.eos_token_ids else 0
     weights = [0.8 ** j for j in range(unroll)]
     embed_f = lambda x: embed(x).detach().float()  # the target's embedding: an input, never trained
-    cache = {} if cache_teacher else None
+    if isinstance(cache_teacher, (str, Path)):
+        cache = TeacherStore(cache_teacher, target, sequences, hidden_request)
+        cache.fill(teacher, pad=pad, progress=progress, log=log)
+    else:
+        cache = {} if cache_teacher else None
 
     def batch_of(idx):
         """Token ids, answer mask and the target's (hidden, p, top) for the sequences ``idx``, padded alike."""
         ids, mask, answer = _pad_batch([sequences[i] for i in idx], pad, device)
         if cache is None:
-            with mixed():
-                return (ids, answer, *_teacher(model, ids, mask, v_ids, hidden_request))
-        new = [i for i in dict.fromkeys(idx) if i not in cache]
-        if new:
-            new_ids, new_mask, _ = _pad_batch([sequences[i] for i in new], pad, device)
-            with mixed():
-                taught = _teacher(model, new_ids, new_mask, v_ids, hidden_request)
-            for i, n, *rows in zip(new, new_mask.sum(1).tolist(), *taught):
-                cache[i] = [r[:n] for r in rows]
-        padded = (torch.nn.utils.rnn.pad_sequence([cache[i][k] for i in idx], batch_first=True) for k in range(3))
-        return (ids, answer, *padded)
+            hidden, final, top = _teacher(teacher, ids, mask, hidden_request)
+        else:
+            new = [i for i in dict.fromkeys(idx) if i not in cache]
+            if new:
+                new_ids, new_mask, _ = _pad_batch([sequences[i] for i in new], pad, device)
+                taught = _teacher(teacher, new_ids, new_mask, hidden_request)
+                for i, n, *rows in zip(new, new_mask.sum(1).tolist(), *taught):
+                    cache[i] = [r[:n] for r in rows]
+            hidden, final, top = (torch.nn.utils.rnn.pad_sequence([cache[i][k] for i in idx], batch_first=True)
+                                  .to(device) for k in range(3))
+        with mixed():
+            return ids, answer, hidden, _teacher_p(final, lm_head_t), top
 
     def validate():
         for h in nets:
@@ -512,7 +684,8 @@ def train_on_sequences(target, sequences, out_dir, *, heads=((2, None),), draft_
     for h in nets:
         h.eval()
     drafters = export()
-    if cache is not None:
+    del teacher
+    if isinstance(cache, dict):
         cache.clear()  # the target's outputs per sequence: hundreds of MB for a notebook's data
     _release_freed_memory()
     return drafters

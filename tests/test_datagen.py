@@ -116,6 +116,26 @@ def test_generate_answers_writes_resumable_shards_that_match_plain_decoding(bund
 
 
 @pytest.mark.slow
+def test_a_stage_resumes_with_the_batch_size_it_began_with(bundled, tmp_path):
+    """Shard b holds batch b: a re-run with another batch size must keep the stage's own, or it would skip some
+    prompts and answer others twice (a stage cut off after its first shard, resumed with --batch-size 3)."""
+    prompts = ["Name a color.", "What is two plus two?", "Say hello in French.", "Name a fruit.", "Count to three."]
+    kw = dict(max_new_tokens=2, progress=False)
+    datagen.generate_answers(bundled, prompts, tmp_path, batch_size=2, **kw)
+    whole = sorted(map(tuple, (ids for ids, _ in datagen.load_sequences(tmp_path))))
+    for name in ("shard_00001.pt", "shard_00002.pt", datagen.COMPLETE):
+        (tmp_path / name).unlink()
+    said = []
+    datagen.generate_answers(bundled, prompts, tmp_path, batch_size=3, log=said.append, **kw)
+    assert sorted(map(tuple, (ids for ids, _ in datagen.load_sequences(tmp_path)))) == whole
+    assert (tmp_path / datagen.COMPLETE).exists() and any("resumes with 2 (not 3)" in line for line in said)
+    (tmp_path / "batches.json").unlink()  # shards from before the record: the first shard tells the size
+    (tmp_path / "shard_00002.pt").unlink()
+    datagen.generate_answers(bundled, prompts, tmp_path, batch_size=4, **kw)
+    assert sorted(map(tuple, (ids for ids, _ in datagen.load_sequences(tmp_path)))) == whole
+
+
+@pytest.mark.slow
 def test_answers_decoded_in_bfloat16_come_from_a_bfloat16_copy_and_say_so(bundled, tmp_path):
     import copy
 

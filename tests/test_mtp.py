@@ -274,7 +274,7 @@ def reference_loss(target, head, vocab_ids, seqs, unroll, weights):
 
 @pytest.mark.parametrize("vocab_ids", [None, list(range(0, 64, 3)) + [1, 5]], ids=["whole-vocab", "draft-vocab"])
 def test_the_training_loss_is_the_unrolled_self_distillation_loss(trained_seq, vocab_ids):
-    from mtplab.train import _draft_head, _pad_batch, _sequence_loss, _teacher
+    from mtplab.train import _draft_head, _pad_batch, _sequence_loss, _teacher, _teacher_p
 
     target, seqs, _, drafters = trained_seq
     seqs = [(seqs[0][0], 3), (seqs[1][0][:30], 8), (seqs[2][0][:20], 0)]  # lengths differ (padding), starts too
@@ -282,8 +282,9 @@ def test_the_training_loss_is_the_unrolled_self_distillation_loss(trained_seq, v
     ids_t = None if vocab_ids is None else torch.tensor(sorted(vocab_ids))
     weights = [0.8 ** j for j in range(4)]
     ids, mask, answer = _pad_batch(seqs, 0, "cpu")
-    hidden, p, top = _teacher(target.model, ids, mask, ids_t)
+    hidden, final, top = _teacher(target.model, ids, mask)
     lm_head_t, vocab_map = _draft_head(target, ids_t)
+    p = _teacher_p(final, lm_head_t)
     with torch.no_grad():
         loss, matches, seeds = _sequence_loss(head, lambda x: target.model.get_input_embeddings()(x).float(),
                                               lm_head_t, vocab_map, hidden, ids, answer, p, top, 4, weights)

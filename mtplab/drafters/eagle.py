@@ -82,15 +82,26 @@ class Eagle3Attention(nn.Module):
         q, k = apply_rotary_pos_emb(split(self.q_proj(x), self.heads), split(self.k_proj(x), self.kv_heads), cos, sin)
         return q, k, split(self.v_proj(x), self.kv_heads)
 
-    def attend(self, q, keys, values, mask):
+    def attend(self, q, keys, values, mask, own=()):
         """``softmax(q kᵀ / √d + mask) v`` over ``keys``/``values`` ``[B, kv_heads, m, d]`` (shared by
-        ``heads / kv_heads`` query heads); ``mask`` ``[n, m]`` or ``[B, n, m]`` (True: may look)."""
+        ``heads / kv_heads`` query heads); ``mask`` ``[n, m]`` or ``[B, n, m]`` (True: may look).
+
+        ``own``: more ``(keys, values)`` pairs ``[B, kv_heads, n, d]`` whose row t only query t sees (training-time
+        test's own rows of earlier steps: speculators' mask, the causal block followed by one diagonal block per
+        step). They join the same softmax as one score per query each, instead of ``n x n`` blocks masked but for
+        their diagonals, which made the attention most of an EAGLE-3 training step on a CPU."""
         group = self.heads // self.kv_heads
-        keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
-        scores = q @ keys.transpose(-1, -2) * self.head_dim ** -0.5
+        rep = lambda t: t.repeat_interleave(group, 1)  # noqa: E731
+        scale = self.head_dim ** -0.5
+        scores = q @ rep(keys).transpose(-1, -2) * scale
         scores = scores.masked_fill(~(mask if mask.dim() == 2 else mask[:, None]), float("-inf"))
+        scores = torch.cat([scores, *((q * rep(k)).sum(-1, keepdim=True) * scale for k, _ in own)], dim=-1)
         weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        return weights @ values
+        m = keys.shape[-2]
+        out = weights[..., :m] @ rep(values)
+        for i, (_, v) in enumerate(own):
+            out = out + weights[..., m + i, None] * rep(v)
+        return out
 
     def out(self, attended):
         return self.o_proj(attended.transpose(1, 2).flatten(-2))
@@ -179,16 +190,15 @@ class Eagle3Head(nn.Module):
         n = aux.shape[1]
         positions = torch.arange(n, device=aux.device)[None] if positions is None else positions
         causal = torch.ones(n, n, dtype=torch.bool, device=aux.device).tril()
-        own = torch.eye(n, dtype=torch.bool, device=aux.device)
-        features, out, keys, values = self.fc(aux), [], [], []
+        features, out, own = self.fc(aux), [], []
         for s in range(steps):
             x = layer.rows(embeds[s], features)
             q, k, v = attn.qkv(x, *self.rotary_emb(x, positions + s))
-            keys.append(k)
-            values.append(v)
-            # step s's keys follow the real ones (step 0): real rows <= t, then this position's own row of each step
-            mask = torch.cat([causal] + [own] * s, dim=1)
-            features = layer.finish(features, attn.attend(q, torch.cat(keys, -2), torch.cat(values, -2), mask))
+            if s == 0:
+                real = (k, v)
+            else:  # step s's own rows follow the real ones: real rows <= t, then position t's row of each step
+                own.append((k, v))
+            features = layer.finish(features, attn.attend(q, *real, causal, own))
             out.append(features)
         return out
 

@@ -1,0 +1,137 @@
+"""What makes EAGLE-3 training affordable on a CPU: the target's outputs computed once and kept on disk
+(``TeacherStore``), the draft loss in pieces with its gradient written out (``_DraftCrossEntropy``), and the
+training-time test's own rows joining the attention as one score each (``Eagle3Attention.attend(..., own)``).
+Each must equal the plain computation it replaces."""
+import pytest
+import torch
+
+import mtplab.train as train
+from mtplab import SpeculativeDecoder
+from mtplab.drafters.eagle import Eagle3Head
+from mtplab.train import TeacherStore, _pad_batch, _teacher, train_on_sequences
+
+from conftest import tiny
+from test_mtp import QUIET, sampled_sequences
+
+
+def plain_draft_loss(s, w, p):
+    z = s @ w
+    return -(p * torch.log_softmax(z.float(), dim=-1)).sum(-1), z.argmax(-1)
+
+
+@pytest.mark.parametrize("piece", [1 << 20, 3 * 50 + 7], ids=["one-piece", "ragged-pieces"])
+def test_the_draft_cross_entropy_equals_autograds(monkeypatch, piece):
+    """Loss, greedy draft and gradient of ``s`` equal the plain chain, also when the rows are cut into pieces that
+    do not divide a sequence (3 rows of 50 logits and change: 3-row pieces over 37 rows)."""
+    monkeypatch.setattr(train, "CE_PIECE", piece)
+    gen = torch.Generator().manual_seed(0)
+    s = torch.randn(2, 37, 8, generator=gen)
+    w = torch.randn(8, 50, generator=gen)
+    p = torch.softmax(2 * torch.randn(2, 37, 50, generator=gen), dim=-1)
+    g = torch.rand(2, 37, generator=gen)  # a weight per row, as the masked mean gives
+    got_s, want_s = s.clone().requires_grad_(), s.clone().requires_grad_()
+    got, got_top = train._DraftCrossEntropy.apply(got_s, w, p)
+    want, want_top = plain_draft_loss(want_s, w, p)
+    (got * g).sum().backward()
+    (want * g).sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got_top, want_top)
+    torch.testing.assert_close(got_s.grad, want_s.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_own_rows_join_the_attention_as_the_masked_blocks_did():
+    """Training-time test's attention with the own rows as one score each equals the full attention over the keys
+    of every step under speculators' mask (causal block, then one diagonal block per earlier step)."""
+    target = tiny(vocab_size=64, seed=0)
+    attn = Eagle3Head.for_target(target.model.config).layers[0].self_attn
+    gen = torch.Generator().manual_seed(1)
+    n, d = 11, attn.head_dim
+    q = torch.randn(2, attn.heads, n, d, generator=gen)
+    kv = [(torch.randn(2, attn.kv_heads, n, d, generator=gen), torch.randn(2, attn.kv_heads, n, d, generator=gen))
+          for _ in range(3)]
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    mask = torch.cat([causal] + [torch.eye(n, dtype=torch.bool)] * 2, dim=1)
+    want = attn.attend(q, torch.cat([k for k, _ in kv], -2), torch.cat([v for _, v in kv], -2), mask)
+    torch.testing.assert_close(attn.attend(q, *kv[0], causal, kv[1:]), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def data():
+    target = tiny(vocab_size=64, seed=0)
+    return target, sampled_sequences(target, 12, 15)
+
+
+def bf16(x):
+    return x.to(torch.bfloat16).float()
+
+
+def test_the_store_holds_the_targets_outputs(data, tmp_path):
+    """Each sequence's stored rows are what the target gives for it alone (hidden states of the EAGLE-3 layers and
+    the final ones rounded to bfloat16, greedy tokens exactly), whatever piece it was computed in."""
+    target, seqs = data
+    store = TeacherStore(tmp_path, target, seqs, [0, 1]).fill(target.model, piece_tokens=40, progress=False,
+                                                             log=lambda *_: None)
+    for i, seq in enumerate(seqs):
+        ids, mask, _ = _pad_batch([seq], 0, "cpu")
+        hidden, final, top = _teacher(target.model, ids, mask, [0, 1])
+        got = store[i]
+        assert got[0].shape == (len(seq[0]), 2 * target.model.config.hidden_size)
+        torch.testing.assert_close(got[0], bf16(hidden[0]), rtol=2 ** -7, atol=1e-6)
+        torch.testing.assert_close(got[1], bf16(final[0]), rtol=2 ** -7, atol=1e-6)
+        assert torch.equal(got[2], top[0])
+
+
+def test_an_interrupted_fill_resumes_to_the_same_store(data, tmp_path, monkeypatch):
+    target, seqs = data
+    whole = TeacherStore(tmp_path / "whole", target, seqs, True).fill(target.model, piece_tokens=40, progress=False,
+                                                                     log=lambda *_: None)
+    real, calls = train._teacher, []
+
+    def cut_off(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(train, "_teacher", cut_off)
+    with pytest.raises(KeyboardInterrupt):
+        TeacherStore(tmp_path / "cut", target, seqs, True).fill(target.model, piece_tokens=40, progress=False)
+    monkeypatch.setattr(train, "_teacher", real)
+    resumed = TeacherStore(tmp_path / "cut", target, seqs, True)
+    assert 0 < resumed.done < len(seqs) and not resumed.complete  # two pieces were recorded
+    said = []
+    resumed.fill(target.model, piece_tokens=40, progress=False, log=said.append)
+    assert resumed.complete and any("resuming" in line for line in said)
+    for i in range(len(seqs)):
+        for a, b in zip(whole[i], resumed[i]):
+            assert torch.equal(a, b)
+
+
+def test_a_store_of_other_data_or_layers_is_refused(data, tmp_path):
+    target, seqs = data
+    TeacherStore(tmp_path, target, seqs, True).fill(target.model, progress=False, log=lambda *_: None)
+    with pytest.raises(ValueError, match="another run.*data of 11 sequences"):
+        TeacherStore(tmp_path, target, seqs[:11], True)
+    with pytest.raises(ValueError, match=r"another run.*hidden \[0, 1\]"):
+        TeacherStore(tmp_path, target, seqs, [0, 1])
+
+
+def test_training_from_a_store_runs_no_target_pass_after_filling_it(data, tmp_path, monkeypatch):
+    """An EAGLE-3 head trained from a store: the target runs only to fill it (once, not again on a re-run), the
+    head's loss falls, and its drafts decode exactly as plain greedy decoding."""
+    target, seqs = data
+    real, calls = train._teacher, []
+    monkeypatch.setattr(train, "_teacher", lambda *a: calls.append(1) or real(*a))
+    kw = dict(heads=["eagle3"], draft_vocab_size=40, batch_size=4, val_size=2, log_every=10, lr=3e-3,
+              cache_teacher=tmp_path / "teacher", **QUIET)
+    drafter = train_on_sequences(target, seqs, tmp_path / "run", steps=30, **kw)[0]
+    filled = len(calls)
+    assert filled == 1  # 12 sequences of 18 tokens: one piece
+    history = [h["val_loss"] for h in drafter.history]
+    assert history[-1] < history[0]
+    train_on_sequences(target, seqs, tmp_path / "run", steps=40, **kw)  # resumes the run: 10 more steps
+    assert len(calls) == filled
+    prompt = seqs[0][0][:4]
+    plain = SpeculativeDecoder(target, None).generate(prompt, 20).token_ids
+    trace = SpeculativeDecoder(target, drafter, num_draft_tokens=3, schedule="constant").generate(prompt, 20)
+    assert trace.token_ids == plain
