@@ -138,6 +138,7 @@ def cmd_train_drafter(args) -> None:
     drafter = train_on_sequences(target, seqs, args.out, heads=heads,
                                  draft_vocab_size=args.draft_vocab, unroll=args.unroll, steps=args.steps,
                                  batch_size=args.batch_size, lr=args.lr, precision=args.precision,
+                                 cache_teacher=f"{args.out}/teacher" if args.teacher_store else False,
                                  time_budget=None if args.train_minutes is None else 60 * args.train_minutes)[0]
     where = f"{args.out}/head0"
     print(f"saved {drafter.name} to {where} ({time.perf_counter() - t0:.0f} s in all); "
@@ -249,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="float32",
                        help="arithmetic of training (auto: bfloat16 autocast where this CPU runs it clearly "
                        "faster, e.g. AMX: 1.6-1.9x)")
+    train.add_argument("--teacher-store", action="store_true",
+                       help="run the target over the data once and keep its outputs on disk (OUT/teacher, a few KB a "
+                       "token), so that training steps run only the head")
     train.set_defaults(func=cmd_train_drafter)
 
     export = sub.add_parser("export-drafter", help="write an EAGLE-3 drafter as a speculators checkpoint for vLLM",

@@ -252,7 +252,7 @@ class TeacherStore:
             log(f"teacher store {self.folder}: resuming at sequence {start} of {len(order)}")
         bar = tqdm(total=self.offsets[-1], initial=sum(len(self.sequences[i][0]) for i in order[:start]),
                    desc="target outputs to disk", unit="tok", unit_scale=True, disable=not progress)
-        t0, written = time.perf_counter(), 0
+        t0, written, said = time.perf_counter(), 0, time.perf_counter()
         i = start
         while i < len(order):
             j = i + 1
@@ -274,6 +274,9 @@ class TeacherStore:
                 array_.flush()
             self.done = i = j
             self._record((hidden.shape[-1], final.shape[-1]))
+            if time.perf_counter() - said > 300:  # a line every 5 minutes for logs without the bar
+                said = time.perf_counter()
+                log(f"teacher store: {self.done} of {len(order)} sequences, {written / (said - t0):.0f} tokens/s")
         bar.close()
         log(f"teacher store {self.folder}: {written} tokens in {time.perf_counter() - t0:.0f} s")
         return self

@@ -1,6 +1,8 @@
 """The EAGLE-3 drafter (mtplab.drafters.eagle) on tiny random targets: the hidden states it reads, exactness (greedy
 and sampled), its own KV cache (drafting with it equals the training-time-test forward; rolled back it equals a fresh
 prefill), save/load, training through the one trainer (loss, resume, refusals), and checks of bad input."""
+import json
+
 import pytest
 import torch
 
@@ -266,9 +268,11 @@ def test_heads_from_the_command_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(models, "load_target", lambda name: target)
     monkeypatch.setattr(train, "docs_sequences", lambda target, max_tokens, block_size: seqs)
     args = ["train-drafter", "--steps", "2", "--batch-size", "4", "--heads", "eagle3", "--draft-vocab", "32",
-            "--out", str(tmp_path)]
+            "--teacher-store", "--out", str(tmp_path)]
     assert cli.main(args) == 0 and "saved eagle3 to" in capsys.readouterr().out
     assert isinstance(mtplab.load_drafter(tmp_path / "head0"), Eagle3Drafter)
+    stored = json.loads((tmp_path / "teacher" / "teacher.json").read_text())  # --teacher-store: the target's outputs
+    assert stored["done"] == len(seqs) and stored["hidden"] == train.make_head("eagle3", target).target_layers
     with pytest.raises(SystemExit) as e:
         cli.main(args[:-2] + ["--heads", "2x", "--out", str(tmp_path / "x")])
     assert e.value.code == 2 and "a head is LAYERS" in capsys.readouterr().err
