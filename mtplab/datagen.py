@@ -227,8 +227,8 @@ def generate_answers(target, prompts: list, out_dir, *, batch_size: int = 256, m
 
     Writes ``out_dir/shard_NNNNN.pt`` per batch (``tokens``: prompt + answer ids of each sequence, flat;
     ``lengths``; ``answer_start``; ``dtype``: the arithmetic that decoded them), skipping shards that exist, so a
-    re-run resumes (with the batch size the stage began with), and ``out_dir/complete`` once every batch has its shard. Stops early (cleanly, at a batch
-    boundary) once ``time.time()`` passes ``deadline``.
+    re-run resumes (with the batch size the stage began with), and ``out_dir/complete`` once every batch has its
+    shard. Stops early (cleanly, at a batch boundary) once ``time.time()`` passes ``deadline``.
     ``precision``: ``"float32"`` (default: the target's own answers), ``"bfloat16"`` (a bfloat16 copy of the target
     decodes: about 2x the tokens/s on a CPU with bfloat16 units, answers that follow the float32 target's greedy
     path less closely, ~0.7 of 32-token continuations token for token on the bundled model; training recomputes the

@@ -51,7 +51,7 @@ ap.add_argument("--gen-precision", choices=("auto", "float32", "bfloat16"), defa
                 "about 2x the tokens/s on an AMX Xeon; the answers then follow the float32 target less closely)")
 ap.add_argument("--teacher-store", action="store_true",
                 help="run the target over the data once and keep its outputs on disk (OUT/teacher, ~4.6 KB a token "
-                "for EAGLE-3), so training steps run only the head: 2-3x the steps an hour on a CPU")
+                "for EAGLE-3), so training steps run only the head: about 2x the steps an hour on a CPU")
 ap.add_argument("--restart", action="store_true", help="continue training from OUT/train with a fresh schedule")
 args = ap.parse_args()
 
