@@ -89,7 +89,7 @@ class Eagle3Attention(nn.Module):
         ``own``: more ``(keys, values)`` pairs ``[B, kv_heads, n, d]`` whose row t only query t sees (training-time
         test's own rows of earlier steps: speculators' mask, the causal block followed by one diagonal block per
         step). They join the same softmax as one score per query each, instead of ``n x n`` blocks masked but for
-        their diagonals (a third of an EAGLE-3 training step on a CPU went to those masked scores)."""
+        their diagonals (a quarter to a third of an EAGLE-3 training step on a CPU went to those masked scores)."""
         group = self.heads // self.kv_heads
         rep = lambda t: t.repeat_interleave(group, 1)  # noqa: E731
         scale = self.head_dim ** -0.5
