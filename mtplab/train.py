@@ -587,6 +587,7 @@ def train_on_sequences(target, sequences, out_dir, *, heads=((2, None),), draft_
     if isinstance(cache_teacher, (str, Path)):
         cache = TeacherStore(cache_teacher, target, sequences, hidden_request)
         cache.fill(teacher, pad=pad, progress=progress, log=log)
+        _release_freed_memory()  # the fill's activations
     else:
         cache = {} if cache_teacher else None
 
@@ -669,6 +670,8 @@ def train_on_sequences(target, sequences, out_dir, *, heads=((2, None),), draft_
         step += 1
         bar.update()
         bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step % RELEASE_EVERY == 0:
+            _release_freed_memory()
         if time_budget is not None and step == start + 20:  # fit the schedule into the time left
             per_step = (time.perf_counter() - t0) / 20
             fits = start + 20 + int((time_budget - (time.perf_counter() - t0)) / (per_step * 1.08))
@@ -695,10 +698,19 @@ def train_on_sequences(target, sequences, out_dir, *, heads=((2, None),), draft_
     return drafters
 
 
+RELEASE_EVERY = 10  # training steps between two _release_freed_memory calls
+
+
 def _release_freed_memory() -> None:
     """Hand the memory training freed back to the OS: glibc keeps freed heap pages of many small tensors, so a
     notebook's kernel would otherwise carry training's high-water mark (hundreds of MB) into everything after it.
-    A no-op where the C library is not glibc."""
+    A no-op where the C library is not glibc.
+
+    Training calls it every :data:`RELEASE_EVERY` steps too: batches of other lengths leave freed memory the next
+    ones do not reuse, so a long run grew without bound (anonymous memory 12.4 -> 15.6 GB over 400 EAGLE-3 steps of
+    16 answers). Measured on an Intel(R) Xeon(R) Processor (2 cores): the live memory after a release was 1.0-1.3 GB,
+    10 steps later 3.7-5.4 GB; a release costs its next step ~0.65 s (the pages are faulted in again: 3.9 s against
+    3.2 s a step when released every step), so every 10 steps costs ~2 %."""
     import ctypes
     import ctypes.util
 

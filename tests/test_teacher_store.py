@@ -118,15 +118,18 @@ def test_a_store_of_other_data_or_layers_is_refused(data, tmp_path):
 
 def test_training_from_a_store_runs_no_target_pass_after_filling_it(data, tmp_path, monkeypatch):
     """An EAGLE-3 head trained from a store: the target runs only to fill it (once, not again on a re-run), the
-    head's loss falls, and its drafts decode exactly as plain greedy decoding."""
+    head's loss falls, and its drafts decode exactly as plain greedy decoding. Freed memory goes back to the OS
+    after the fill, every ``RELEASE_EVERY`` steps and at the end (a long run grew by GBs without)."""
     target, seqs = data
-    real, calls = train._teacher, []
+    real, calls, released = train._teacher, [], []
     monkeypatch.setattr(train, "_teacher", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(train, "_release_freed_memory", lambda: released.append(1))
     kw = dict(heads=["eagle3"], draft_vocab_size=40, batch_size=4, val_size=2, log_every=10, lr=3e-3,
               cache_teacher=tmp_path / "teacher", **QUIET)
     drafter = train_on_sequences(target, seqs, tmp_path / "run", steps=30, **kw)[0]
     filled = len(calls)
     assert filled == 1  # 12 sequences of 18 tokens: one piece
+    assert len(released) == 1 + 30 // train.RELEASE_EVERY + 1
     history = [h["val_loss"] for h in drafter.history]
     assert history[-1] < history[0]
     train_on_sequences(target, seqs, tmp_path / "run", steps=40, **kw)  # resumes the run: 10 more steps
