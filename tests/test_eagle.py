@@ -319,3 +319,36 @@ def test_the_trainer_unrolls_the_drafting_steps():
                 if j:
                     g, cache = head.step(drafter.embed(torch.tensor([ids[t + 1 + j]])), g, torch.tensor([t + j]), cache)
                 torch.testing.assert_close(head.norm(g)[0], states[j][0, t], rtol=0, atol=1e-5)
+
+
+def test_decoded_acceptance_is_what_the_decoder_measures(trained):
+    """The trainer's validation number "as the decoder would see it" (train.decoded_acceptance over the training-time
+    matches) equals the real greedy decoder's rounds over the same text: mean acceptance length and per position,
+    at γ 1 and 3, drafts shrinking to fit the answer's end. Every-position counting (vllm_acceptance) differs:
+    rounds start after rejections."""
+    from mtplab import bench, train
+    from mtplab.trace import per_position_acceptance
+
+    target, seqs, _, drafter = trained
+    lm_head_t, vocab_map = train._draft_head(target, drafter.vocab_ids)
+    embed = target.model.get_input_embeddings()
+    batch = [(ids, start) for ids, start in seqs[:6]]
+    ids, mask, answer = train._pad_batch(batch, 0, "cpu")
+    hidden, final, top = train._teacher(target.model, ids, mask, drafter.hidden_layers)
+    with torch.no_grad():
+        _, matches, _ = train._sequence_loss(drafter.head, lambda x: embed(x).float(), lm_head_t, vocab_map, hidden,
+                                             ids, answer, train._teacher_p(final, lm_head_t), top, 4, [1.0] * 4)
+    length = 30  # answers cut at 30 of their 40 tokens: seeds exist up to their end
+    cut = answer & (torch.arange(ids.shape[1]) < 6 + length)
+    for gamma in (1, 3):
+        rounds = train.decoded_acceptance(matches, cut, gamma)
+        real = bench.greedy_acceptance(target, drafter, [list(ids[:6]) for ids, _ in batch], gammas=(gamma,),
+                                       max_new_tokens=length)[gamma]
+        assert sum(r.num_accepted + 1 for r in rounds) == length * len(batch)
+        assert sum(r.num_accepted + 1 for r in rounds) / len(rounds) == pytest.approx(real["mean_acceptance_length"])
+        assert per_position_acceptance(rounds)[0] == pytest.approx(real["per_position_acceptance"])
+    assert 0 < sum(r.num_accepted for r in rounds) < sum(r.num_drafted for r in rounds)  # accepts and rejects
+    with pytest.raises(ValueError, match=r"gamma must be in \[1, 4\]"):
+        train.decoded_acceptance(matches, cut, 5)
+    assert drafter.history[-1]["decoded"]["gamma"] == 3
+    assert 1 <= drafter.history[-1]["decoded"]["mean_acceptance_length"] <= 4
