@@ -139,6 +139,7 @@ def cmd_train_drafter(args) -> None:
                                  draft_vocab_size=args.draft_vocab, unroll=args.unroll, steps=args.steps,
                                  batch_size=args.batch_size, lr=args.lr, precision=args.precision,
                                  cache_teacher=f"{args.out}/teacher" if args.teacher_store else False,
+                                 init_from=args.init_from,
                                  time_budget=None if args.train_minutes is None else 60 * args.train_minutes)[0]
     where = f"{args.out}/head0"
     print(f"saved {drafter.name} to {where} ({time.perf_counter() - t0:.0f} s in all); "
@@ -253,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--teacher-store", action="store_true",
                        help="run the target over the data once and keep its outputs on disk (OUT/teacher, a few KB a "
                        "token), so that training steps run only the head")
+    train.add_argument("--init-from", default=None, metavar="RUN",
+                       help="start from another training run's folder (its heads, optimizer and draft vocabulary; "
+                       "the same target and heads) with a fresh schedule, e.g. once the data has grown")
     train.set_defaults(func=cmd_train_drafter)
 
     export = sub.add_parser("export-drafter", help="write an EAGLE-3 drafter as a speculators checkpoint for vLLM",

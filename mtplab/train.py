@@ -534,7 +534,7 @@ def train_on_sequences(target, sequences, out_dir, *, heads=((2, None),), draft_
                        unroll: int = 4, steps: int = 2000, batch_size: int = 16, lr: float = 2e-3,
                        val_size: int = 64, log_every: int = 100, checkpoint_every: int = 200,
                        time_budget: float | None = None, restart: bool = False,
-                       cache_teacher: bool | str | Path = False,
+                       cache_teacher: bool | str | Path = False, init_from: str | Path | None = None,
                        precision: str = "float32", seed: int = 0, progress: bool = True, log=print) -> list:
     """Train one or more MTP heads on ``sequences`` (``(ids, answer_start)`` pairs: the loss covers the tokens from
     ``answer_start`` on), running the target over each batch for its hidden states and distributions.
@@ -555,6 +555,10 @@ def train_on_sequences(target, sequences, out_dir, *, heads=((2, None),), draft_
     ``draft_vocab_size`` / ``unroll`` / ``seed`` / ``val_size`` is refused with a ``ValueError``. ``batch_size``,
     ``lr``, ``steps`` and ``time_budget`` may change on resume (a new ``steps`` runs to that many steps).
     ``time_budget`` (seconds): shorten the run to fit, measured over its first 20 steps (the schedule adapts).
+    ``init_from``: another run's folder: a new run in ``out_dir`` starts from its checkpoint (the heads' weights and
+    optimizer, its draft vocabulary and history) with a fresh schedule of ``steps``, on these ``sequences``: to go on
+    training a drafter once its data has grown (the target and the heads must be the same; ignored once ``out_dir``
+    has a checkpoint of its own, which resumes).
     ``restart``: continue from the checkpoint's weights and optimizer with a fresh schedule (warm-up, cosine) of
     ``steps`` — a warm restart, as used for the shipped drafter; the history's step count goes on.
     ``cache_teacher``: ``True``: keep the target's outputs for each sequence in memory after its first batch instead
@@ -596,21 +600,35 @@ def train_on_sequences(target, sequences, out_dir, *, heads=((2, None),), draft_
                data=data_fingerprint(sequences), seed=seed, val_size=val_size)
     start, earlier, history, total = 0, 0, [], steps
     ckpt = out_dir / "checkpoint.pt"
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=True, map_location=device)
-        _check_same_run(ckpt, state.get("run"), run)
+    source = ckpt if ckpt.exists() or init_from is None else Path(init_from) / "checkpoint.pt"
+    if source != ckpt and not source.exists():
+        raise ValueError(f"init_from must be the folder of an earlier training run (holding checkpoint.pt), got "
+                         f"{str(init_from)!r}")
+    if source.exists():
+        state = torch.load(source, weights_only=True, map_location=device)
+        if source == ckpt:
+            _check_same_run(ckpt, state.get("run"), run)
+        else:  # another run's heads, on other data: the same target and heads, all else may differ
+            saved = state.get("run") or dict(target=None, heads=None)
+            diff = [k for k in ("target", "heads") if saved[k] != run[k]]
+            if diff:
+                raise ValueError(f"init_from: {source} trained " + "; ".join(
+                    f"{_describe(k, saved[k]) if saved[k] else 'unrecorded ' + k}, not {_describe(k, run[k])}"
+                    for k in diff) + ": start from a run of the same target and heads")
         for h, o, hs, os_ in zip(nets, opts, state["heads"], state["opts"]):
             h.load_state_dict(hs)
             o.load_state_dict(os_)
         vocab_ids = None if state["vocab_ids"] is None else state["vocab_ids"].cpu()
         start, earlier, history = state["step"], state["earlier_steps"], state["history"]
-        gen.set_state(state["rng"].cpu())
+        if source == ckpt:
+            gen.set_state(state["rng"].cpu())
         # same arguments: the same (possibly time-fitted) schedule; a new ``steps``: run to that many steps
         total = state["total"] if steps == state["steps_arg"] else max(steps, start)
-        if restart:
+        if restart or source != ckpt:
             earlier, start, total = earlier + start, 0, steps
-        log(f"{'restarting' if restart else 'resuming'} from step {earlier + start}"
-            + ("" if restart else f" of {earlier + total}"))
+        log(("restarting" if restart else "resuming") + f" from step {earlier + start}"
+            + ("" if restart else f" of {earlier + total}") if source == ckpt else
+            f"starting from {source} (step {earlier}) on this data")
     schedule = lambda i: min(1.0, (i + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(i, total) / total))
 
     embed = model.get_input_embeddings()

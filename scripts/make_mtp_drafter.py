@@ -17,6 +17,9 @@ H100 (generation 371 s, then training 432 s + 368 s + 220 s):
     python scripts/make_mtp_drafter.py OUT $A --train-minutes 8
     python scripts/make_mtp_drafter.py OUT $A --train-minutes 7 --restart
     python scripts/make_mtp_drafter.py OUT $A --train-minutes 4.2 --restart --lr 6e-4
+
+A run (and its teacher store) belongs to one corpus; once more generation has grown it, go on in a new run from the
+old one's weights: ``--gen-minutes 0 --run train2 --init-from train``.
 """
 import argparse
 import time
@@ -53,6 +56,11 @@ ap.add_argument("--teacher-store", action="store_true",
                 help="run the target over the data once and keep its outputs on disk (OUT/teacher, ~4.6 KB a token "
                 "for EAGLE-3), so training steps run only the head: about 2x the steps an hour on a CPU")
 ap.add_argument("--restart", action="store_true", help="continue training from OUT/train with a fresh schedule")
+ap.add_argument("--run", default="train", help="the training run's folder under OUT (its teacher store: OUT/teacher "
+               "for the default, else OUT/RUN_teacher); a run and its store are for one corpus, so a grown corpus "
+               "wants a new run")
+ap.add_argument("--init-from", default=None, metavar="RUN", help="start from the run OUT/RUN (e.g. train, on a smaller "
+               "corpus: its heads, optimizer and draft vocabulary) with a fresh schedule")
 args = ap.parse_args()
 
 out = Path(args.out)
@@ -82,8 +90,10 @@ for name in ("a_greedy", "b_greedy", "a_t07"):  # the token data as plain arrays
 if args.device.startswith("cuda"):
     torch.backends.cuda.matmul.allow_tf32 = True  # the teacher's features: TF32 is plenty, 3-4x faster than fp32
 heads = parse_heads(args.heads)
-train_on_sequences(target, sequences, out / "train", heads=heads, draft_vocab_size=args.draft_vocab,
-                   steps=args.steps, batch_size=args.train_batch, lr=args.lr, time_budget=60 * args.train_minutes, restart=args.restart,
-                   precision=args.precision, cache_teacher=out / "teacher" if args.teacher_store else False,
-                   log_every=200, checkpoint_every=200, log=log, progress=False)
+train_on_sequences(target, sequences, out / args.run, heads=heads, draft_vocab_size=args.draft_vocab,
+                   steps=args.steps, batch_size=args.train_batch, lr=args.lr, time_budget=60 * args.train_minutes,
+                   restart=args.restart, init_from=None if args.init_from is None else out / args.init_from,
+                   precision=args.precision, log_every=200, checkpoint_every=200, log=log, progress=False,
+                   cache_teacher=out / ("teacher" if args.run == "train" else f"{args.run}_teacher")
+                   if args.teacher_store else False)
 log("done")

@@ -352,3 +352,20 @@ def test_decoded_acceptance_is_what_the_decoder_measures(trained):
         train.decoded_acceptance(matches, cut, 5)
     assert drafter.history[-1]["decoded"]["gamma"] == 3
     assert 1 <= drafter.history[-1]["decoded"]["mean_acceptance_length"] <= 4
+
+
+def test_a_run_starts_from_another_runs_heads_on_other_data(trained, tmp_path):
+    """``init_from``: a new run on other data starts from another run's heads, optimizer and draft vocabulary (at
+    learning rate 0 its head stays exactly the one it started from), its history goes on from there; a folder
+    without a run, or a run of other heads, is refused."""
+    target, seqs, out, drafter = trained
+    kw = dict(heads=["eagle3"], draft_vocab_size=48, batch_size=8, val_size=4, log_every=1, **QUIET)
+    again = train_on_sequences(target, seqs[:30], tmp_path / "more", steps=1, lr=0.0, init_from=out, **kw)[0]
+    for (name, a), b in zip(again.head.state_dict().items(), drafter.head.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert torch.equal(again.vocab_ids, drafter.vocab_ids)
+    assert [h["step"] for h in again.history] == [30, 60, 90, 91]
+    with pytest.raises(ValueError, match="init_from must be the folder of an earlier training run"):
+        train_on_sequences(target, seqs[:30], tmp_path / "none", steps=1, init_from=tmp_path / "nowhere", **kw)
+    with pytest.raises(ValueError, match=r"init_from: .* trained heads eagle3\(layers \[1, 2\].*, not heads 2x32"):
+        train_on_sequences(target, seqs[:30], tmp_path / "other", steps=1, init_from=out, **{**kw, "heads": [(2, 32)]})
