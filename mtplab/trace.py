@@ -172,7 +172,7 @@ def metrics_of(rounds, prefill_seconds: float = 0.0) -> Metrics:
         drafted=drafted,
         accepted=accepted,
         acceptance_rate=accepted / drafted if drafted else 0.0,
-        mean_acceptance_length=new / len(rounds) if rounds else 0.0,
+        mean_acceptance_length=mean_acceptance_length(rounds),
         per_position_acceptance=per_position_acceptance(rounds)[0],
         verify_tokens=sum(r.verify_tokens for r in rounds) / len(rounds) if rounds else 0.0,
         seconds=total,
@@ -181,6 +181,11 @@ def metrics_of(rounds, prefill_seconds: float = 0.0) -> Metrics:
         bookkeeping_seconds=secs[2],
         tokens_per_second=new / total if total else 0.0,
     )
+
+
+def mean_acceptance_length(rounds) -> float:
+    """Tokens a round adds, on average (accepted drafts plus the target's own token), over any rounds."""
+    return sum(len(r.emitted_ids) for r in rounds) / len(rounds) if rounds else 0.0
 
 
 def reached_positions(rnd) -> range:

@@ -28,7 +28,7 @@ import torch
 from .drafters.eagle import Eagle3Drafter, Eagle3Head
 from .drafters.mtp import MTPDrafter, MTPHead, restricted_lm_head
 from .models import chat_ids, last_hidden
-from .trace import per_position_acceptance
+from .trace import mean_acceptance_length, per_position_acceptance
 
 
 STDLIB_MODULES = (
@@ -150,6 +150,10 @@ def vllm_acceptance(matches: torch.Tensor) -> list:
 class _SimulatedRound(NamedTuple):
     num_drafted: int
     num_accepted: int
+
+    @property
+    def emitted_ids(self) -> range:  # its count is what trace's metrics read: the accepted drafts and one more
+        return range(self.num_accepted + 1)
 
 
 def decoded_acceptance(matches: torch.Tensor, answer: torch.Tensor, gamma: int) -> list:
@@ -690,8 +694,8 @@ def train_on_sequences(target, sequences, out_dir, *, heads=((2, None),), draft_
             matches = torch.cat([m.flatten(1) for m, _ in accs[k]], 1)
             mask = torch.cat([m.flatten() for _, m in accs[k]])
             matches = matches[:, mask].cpu()  # seeds whose whole draft lies in the trained text
-            decoded = dict(gamma=decoded_gamma, mean_acceptance_length=sum(r.num_accepted + 1 for r in rounds[k])
-                           / max(1, len(rounds[k])), per_position_acceptance=per_position_acceptance(rounds[k])[0])
+            decoded = dict(gamma=decoded_gamma, mean_acceptance_length=mean_acceptance_length(rounds[k]),
+                           per_position_acceptance=per_position_acceptance(rounds[k])[0])
             out.append((sum(losses[k]) / len(losses[k]), conditional_acceptance(matches), vllm_acceptance(matches),
                         decoded))
         return out
