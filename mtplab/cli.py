@@ -139,6 +139,7 @@ def cmd_train_drafter(args) -> None:
                                  draft_vocab_size=args.draft_vocab, unroll=args.unroll, steps=args.steps,
                                  batch_size=args.batch_size, lr=args.lr, precision=args.precision,
                                  cache_teacher=f"{args.out}/teacher" if args.teacher_store else False,
+                                 reuse_teacher=[f"{args.init_from}/teacher"] if args.init_from else (),
                                  init_from=args.init_from,
                                  time_budget=None if args.train_minutes is None else 60 * args.train_minutes)[0]
     where = f"{args.out}/head0"

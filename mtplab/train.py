@@ -234,7 +234,9 @@ class TeacherStore:
 
     :meth:`fill` writes the sequences in pieces (shortest first, so a piece pads little) and records each piece once it
     is on disk, so an interrupted fill resumes; a folder that holds the outputs for other data, another target or
-    other layers is refused before anything is read. ``store[i]``: sequence ``i``'s ``[hidden, final, top]``."""
+    other layers is refused before anything is read. ``store[i]``: sequence ``i``'s ``[hidden, final, top]``.
+    ``index.npy`` names each sequence's rows (a hash of its tokens, first row, end), so that the store of a grown
+    corpus copies what an earlier store holds instead of running the target again (:meth:`fill`'s ``reuse``)."""
 
     def __init__(self, folder, target, sequences, hidden=True):
         import numpy as np
@@ -244,6 +246,7 @@ class TeacherStore:
                          data=data_fingerprint(sequences))
         self.hidden_request = hidden
         self.offsets = np.cumsum([0] + [len(ids) for ids, _ in sequences]).tolist()
+        self.keys = [_sequence_key(ids) for ids, _ in sequences]
         meta_path = self.folder / "teacher.json"
         if meta_path.exists():
             saved = json.loads(meta_path.read_text())
@@ -254,9 +257,16 @@ class TeacherStore:
                                              for k in diff)
                                  + f"): use another folder or delete {self.folder}")
             self.done = saved["done"]
+            if not (self.folder / "index.npy").exists():  # a store from before the index: these are its sequences
+                self._write_index()
         else:
             self.done = None  # nothing written yet
         self.arrays = None
+
+    def _write_index(self):
+        import numpy as np
+
+        np.save(self.folder / "index.npy", np.array([self.keys, self.offsets[:-1], self.offsets[1:]], dtype=np.int64).T)
 
     def _open(self, widths):
         import numpy as np
@@ -270,6 +280,7 @@ class TeacherStore:
                        for k, (shape, dt) in shapes.items()}
         if new:
             self.done = 0
+            self._write_index()
             self._record(widths)
 
     def _record(self, widths):
@@ -281,9 +292,11 @@ class TeacherStore:
     def complete(self) -> bool:
         return self.done == len(self.sequences)
 
-    def fill(self, model, *, piece_tokens: int = 4096, pad: int = 0, progress: bool = True, log=print):
+    def fill(self, model, *, piece_tokens: int = 4096, pad: int = 0, reuse=(), progress: bool = True, log=print):
         """Run ``model`` (the target, or its bfloat16 copy) over the sequences not yet stored, ``piece_tokens``
-        padded tokens at a time, flushing and recording each piece."""
+        padded tokens at a time, flushing and recording each piece. ``reuse``: folders of other stores (e.g. of the
+        corpus before it grew); a sequence one of them holds complete, for the same target and layers, is copied
+        from it instead (stores of another target or layers, unfinished or without an index are passed over)."""
         from tqdm.auto import tqdm
 
         order = sorted(range(len(self.sequences)), key=lambda i: len(self.sequences[i][0]))
@@ -294,36 +307,83 @@ class TeacherStore:
             return self
         if start:
             log(f"teacher store {self.folder}: resuming at sequence {start} of {len(order)}")
+        found, widths = self._reusable(reuse, {self.keys[k] for k in order[start:]}, log)
         bar = tqdm(total=self.offsets[-1], initial=sum(len(self.sequences[i][0]) for i in order[:start]),
                    desc="target outputs to disk", unit="tok", unit_scale=True, disable=not progress)
-        t0, written, said = time.perf_counter(), 0, time.perf_counter()
+        t0, written, copied, said = time.perf_counter(), 0, 0, time.perf_counter()
         i = start
         while i < len(order):
-            j = i + 1
-            while j < len(order) and (j - i + 1) * len(self.sequences[order[j]][0]) <= piece_tokens:
-                j += 1
+            j, copy_ = i + 1, self.keys[order[i]] in found
+            if copy_:  # a run of sequences another store holds: copied, a few hundred a record
+                while j < len(order) and self.keys[order[j]] in found and j - i < 256:
+                    j += 1
+            else:
+                while j < len(order) and self.keys[order[j]] not in found and \
+                        (j - i + 1) * len(self.sequences[order[j]][0]) <= piece_tokens:
+                    j += 1
             idx = order[i:j]
-            ids, mask, _ = _pad_batch([self.sequences[k] for k in idx], pad, model.device)
-            hidden, final, top = _teacher(model, ids, mask, self.hidden_request)
-            if self.arrays is None:
-                self._open((hidden.shape[-1], final.shape[-1]))
-            for row, k in enumerate(idx):
-                a, b = self.offsets[k], self.offsets[k + 1]
-                self.arrays["hidden"][a:b] = _bf16_bits(hidden[row, : b - a])
-                self.arrays["final"][a:b] = _bf16_bits(final[row, : b - a])
-                self.arrays["top"][a:b] = top[row, : b - a].cpu().numpy()
-                written += b - a
-                bar.update(b - a)
+            if copy_:
+                if self.arrays is None:
+                    self._open(widths)
+                for k in idx:
+                    arrays, a0 = found[self.keys[k]]
+                    a, b = self.offsets[k], self.offsets[k + 1]
+                    for name, array_ in self.arrays.items():
+                        array_[a:b] = arrays[name][a0:a0 + b - a]
+                    copied += b - a
+                    bar.update(b - a)
+            else:
+                ids, mask, _ = _pad_batch([self.sequences[k] for k in idx], pad, model.device)
+                hidden, final, top = _teacher(model, ids, mask, self.hidden_request)
+                widths = (hidden.shape[-1], final.shape[-1])
+                if self.arrays is None:
+                    self._open(widths)
+                for row, k in enumerate(idx):
+                    a, b = self.offsets[k], self.offsets[k + 1]
+                    self.arrays["hidden"][a:b] = _bf16_bits(hidden[row, : b - a])
+                    self.arrays["final"][a:b] = _bf16_bits(final[row, : b - a])
+                    self.arrays["top"][a:b] = top[row, : b - a].cpu().numpy()
+                    written += b - a
+                    bar.update(b - a)
             for array_ in self.arrays.values():
                 array_.flush()
             self.done = i = j
-            self._record((hidden.shape[-1], final.shape[-1]))
+            self._record([array_.shape[1] for array_ in (self.arrays["hidden"], self.arrays["final"])])
             if time.perf_counter() - said > 300:  # a line every 5 minutes for logs without the bar
                 said = time.perf_counter()
                 log(f"teacher store: {self.done} of {len(order)} sequences, {written / (said - t0):.0f} tokens/s")
         bar.close()
-        log(f"teacher store {self.folder}: {written} tokens in {time.perf_counter() - t0:.0f} s")
+        log(f"teacher store {self.folder}: {written} tokens in {time.perf_counter() - t0:.0f} s"
+            + (f", {copied} copied from {', '.join(str(f) for f in reuse)}" if copied else ""))
         return self
+
+    def _reusable(self, folders, wanted: set, log) -> tuple:
+        """``{key: (arrays, first row)}`` of the ``wanted`` sequences that the complete stores in ``folders`` hold
+        for this target and these layers (memory-mapped, read-only), and their ``(hidden, final)`` widths."""
+        import numpy as np
+
+        found, widths = {}, None
+        for folder in map(Path, folders):
+            if folder.resolve() == self.folder.resolve():
+                log(f"teacher store {folder}: this store, not reused")
+                continue
+            try:
+                saved = json.loads((folder / "teacher.json").read_text())
+                index = np.load(folder / "index.npy")
+            except FileNotFoundError:
+                log(f"teacher store {folder}: no index (or no store), not reused")
+                continue
+            why = ("another target or layers" if any(saved.get(k) != self.meta[k] for k in ("model", "hidden")) else
+                   "unfinished" if saved["done"] != saved["data"]["sequences"] else None)
+            if why:
+                log(f"teacher store {folder}: {why}, not reused")
+                continue
+            arrays = {k: np.load(folder / f"{k}.npy", mmap_mode="r") for k in ("hidden", "final", "top")}
+            for key, a, _ in index.tolist():
+                if key in wanted and key not in found:
+                    found[key] = (arrays, a)
+            widths = saved["widths"]
+        return found, widths
 
     def __contains__(self, i) -> bool:
         return self.complete
@@ -335,6 +395,11 @@ class TeacherStore:
         read = lambda k: torch.from_numpy(np.array(self.arrays[k][a:b]))  # noqa: E731
         return [read("hidden").view(torch.bfloat16).float(), read("final").view(torch.bfloat16).float(),
                 read("top").long()]
+
+
+def _sequence_key(ids) -> int:
+    """A 64-bit hash of a sequence's tokens: what finds it in another :class:`TeacherStore`."""
+    return int.from_bytes(hashlib.blake2b(array("q", ids).tobytes(), digest_size=8).digest(), "little", signed=True)
 
 
 def _bf16_bits(x):
@@ -408,49 +473,53 @@ def _draft_states(head, embed, hidden, ids, unroll):
 
 
 class _DraftCrossEntropy(torch.autograd.Function):
-    """Per row of ``s`` ``[B, n, H]``: the soft cross-entropy ``-(p * log_softmax(s @ w)).sum(-1)`` of the draft logits
-    ``s @ w`` (``w`` ``[H, V]``: the target's frozen LM head on the draft vocabulary) against the teacher's ``p``
-    ``[B, n, V]``, and the greedy draft ``argmax(s @ w)`` (not differentiable). Only ``s`` gets a gradient:
-    ``((softmax(s @ w) - p) * grad) @ wᵀ``.
+    """Per row r of ``s`` ``[R, H]``: the soft cross-entropy ``-(p[rows[r]] * log_softmax(s[r] @ w)).sum()`` of the
+    draft logits ``s @ w`` (``w`` ``[H, V]``: the target's frozen LM head on the draft vocabulary) against the
+    teacher's distribution ``p[rows[r]]`` (``p`` ``[N, V]``: every position's, ``rows`` picks each row's), and the
+    greedy draft ``argmax(s[r] @ w)`` (not differentiable). Only ``s`` gets a gradient:
+    ``((softmax(s @ w) - p[rows]) * grad) @ wᵀ``.
 
-    Computed a few rows at a time (:data:`CE_PIECE` logits), the backward pass recomputing each piece's logits, so
-    that no ``[tokens, V]`` array is made or kept: autograd's chain (logits, log-softmax, product, sum and their
-    gradients) made and kept several per draft step (150 MB each for 16 answers and the bundled target's 8192-token
-    draft vocabulary). An EAGLE-3 training step of 16 answers ran 3.7 s this way against 4.5 s (bfloat16, on an
-    Intel(R) Xeon(R) Processor with AMX, 2 cores).
+    Computed a few rows at a time (:data:`CE_PIECE` logits), the backward pass recomputing each piece's logits and
+    reading each piece's rows of ``p`` where they lie, so that no ``[R, V]`` array is made or kept: autograd's
+    chain (logits, log-softmax, product, sum and their gradients) made and kept several per draft step (150 MB each
+    for 16 answers and the bundled target's 8192-token draft vocabulary). An EAGLE-3 training step of 16 answers ran
+    3.7 s this way against 4.5 s (bfloat16, on an Intel(R) Xeon(R) Processor with AMX, 2 cores); then only the rows
+    to learn (:func:`_sequence_loss`), each piece reading its rows of ``p`` where they lie (gathering ``p[rows]``
+    whole took 0.12 s a draft step) and a row's ``p · log q`` as a product and a sum (not a batched matrix product,
+    0.06 s): 2.8 s against 3.8 s (median of 12 steps, interleaved, same CPU).
     The logits are in the autocast dtype where autocast is on (as ``s @ w`` would be), the softmax in float32."""
 
     @staticmethod
-    def forward(ctx, s, w, p):
+    def forward(ctx, s, w, p, rows):
         kind = s.device.type
         dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else s.dtype
         w = w.to(dtype)
-        ce, top = s.new_empty(s.shape[:-1], dtype=torch.float32), s.new_empty(s.shape[:-1], dtype=torch.long)
-        for b, rows in _pieces(s, w.shape[1]):
-            logq = torch.log_softmax((s[b, rows].to(dtype) @ w).float(), dim=-1)
-            ce[b, rows] = -(p[b, rows, None, :] @ logq[..., None]).view(-1)
-            top[b, rows] = logq.argmax(-1)
-        ctx.save_for_backward(s, w, p)
+        ce, top = s.new_empty(s.shape[0], dtype=torch.float32), s.new_empty(s.shape[0], dtype=torch.long)
+        for piece in _pieces(s.shape[0], w.shape[1]):
+            logq = torch.log_softmax((s[piece].to(dtype) @ w).float(), dim=-1)
+            ce[piece] = -(p[rows[piece]] * logq).sum(-1)
+            top[piece] = logq.argmax(-1)
+        ctx.save_for_backward(s, w, p, rows)
         ctx.mark_non_differentiable(top)
         return ce, top
 
     @staticmethod
     def backward(ctx, grad, _):
-        s, w, p = ctx.saved_tensors
+        s, w, p, rows = ctx.saved_tensors
         ds = torch.empty_like(s)
-        for b, rows in _pieces(s, w.shape[1]):
-            dz = torch.softmax((s[b, rows].to(w.dtype) @ w).float(), dim=-1).sub_(p[b, rows]).mul_(grad[b, rows, None])
-            ds[b, rows] = (dz.to(w.dtype) @ w.T).to(s.dtype)
-        return ds, None, None
+        for piece in _pieces(s.shape[0], w.shape[1]):
+            dz = torch.softmax((s[piece].to(w.dtype) @ w).float(), dim=-1).sub_(p[rows[piece]]).mul_(grad[piece, None])
+            ds[piece] = (dz.to(w.dtype) @ w.T).to(s.dtype)
+        return ds, None, None, None
 
 
 CE_PIECE = 1 << 20  # logits in a piece of _DraftCrossEntropy: 4 MB of float32, which the caches hold
 
 
-def _pieces(s, vocab: int) -> list:
-    """``(sequence, rows)`` pieces of ``s`` ``[B, n, H]`` with about :data:`CE_PIECE` logits each."""
-    rows = max(1, CE_PIECE // vocab)
-    return [(b, slice(a, a + rows)) for b in range(s.shape[0]) for a in range(0, s.shape[1], rows)]
+def _pieces(num_rows: int, vocab: int) -> list:
+    """Slices of ``num_rows`` rows with about :data:`CE_PIECE` logits each."""
+    step = max(1, CE_PIECE // vocab)
+    return [slice(a, a + step) for a in range(0, num_rows, step)]
 
 
 def _sequence_loss(head, embed, lm_head_t, vocab_map, hidden, ids, answer, p, top, unroll, weights):
@@ -462,8 +531,13 @@ def _sequence_loss(head, embed, lm_head_t, vocab_map, hidden, ids, answer, p, to
     for j, s in enumerate(_draft_states(head, embed, hidden, ids, unroll), start=1):
         m = answer[:, j + 1: j + 1 + n]
         m = torch.nn.functional.pad(m, (0, n - m.shape[1]))
-        ce, draft = _DraftCrossEntropy.apply(s, lm_head_t, p[:, j:n + j])
-        losses.append((ce * m).sum() / m.sum().clamp_min(1))
+        # only the rows to learn meet the LM head: the prompt's and the padding's (44 % of a batch of the CPU
+        # corpus) would cost as much and count for nothing; elsewhere the draft is -2 (no token)
+        b, t = m.nonzero(as_tuple=True)
+        ce, picked = _DraftCrossEntropy.apply(s[b, t], lm_head_t, p.reshape(-1, p.shape[-1]), b * p.shape[1] + t + j)
+        draft = torch.full_like(top[:, j:n + j], -2)
+        draft[b, t] = picked
+        losses.append(ce.sum() / m.sum().clamp_min(1))
         matches.append(vocab_map[top[:, j:n + j]] == draft)
         masks.append(m)
     loss = sum(w * l for w, l in zip(weights, losses)) / sum(weights)
@@ -538,7 +612,7 @@ def train_on_sequences(target, sequences, out_dir, *, heads=((2, None),), draft_
                        unroll: int = 4, steps: int = 2000, batch_size: int = 16, lr: float = 2e-3,
                        val_size: int = 64, log_every: int = 100, checkpoint_every: int = 200,
                        time_budget: float | None = None, restart: bool = False,
-                       cache_teacher: bool | str | Path = False, init_from: str | Path | None = None,
+                       cache_teacher: bool | str | Path = False, reuse_teacher=(), init_from: str | Path | None = None,
                        precision: str = "float32", seed: int = 0, progress: bool = True, log=print) -> list:
     """Train one or more MTP heads on ``sequences`` (``(ids, answer_start)`` pairs: the loss covers the tokens from
     ``answer_start`` on), running the target over each batch for its hidden states and distributions.
@@ -568,7 +642,8 @@ def train_on_sequences(target, sequences, out_dir, *, heads=((2, None),), draft_
     ``cache_teacher``: ``True``: keep the target's outputs for each sequence in memory after its first batch instead
     of recomputing them (tokens x (hidden states read + hidden size) x 4 bytes), for small data; a folder: a
     :class:`TeacherStore` there, filled (or resumed) before the first step, so that no step runs the target (its
-    hidden states rounded to bfloat16), for large data on a CPU.
+    hidden states rounded to bfloat16), for large data on a CPU. ``reuse_teacher``: folders of earlier stores (of the
+    corpus before it grew) whose sequences the fill copies instead of running the target (:meth:`TeacherStore.fill`).
     ``precision``: ``"float32"`` (default), ``"bfloat16"`` (the teacher pass by a bfloat16 copy of the target, the
     heads' forward under ``torch.autocast``; the heads' weights, optimizer and saved drafters stay float32/float16
     and drafting is unchanged) or
@@ -651,7 +726,7 @@ def train_on_sequences(target, sequences, out_dir, *, heads=((2, None),), draft_
     embed_f = lambda x: embed(x).detach().float()  # the target's embedding: an input, never trained
     if isinstance(cache_teacher, (str, Path)):
         cache = TeacherStore(cache_teacher, target, sequences, hidden_request)
-        cache.fill(teacher, pad=pad, progress=progress, log=log)
+        cache.fill(teacher, pad=pad, reuse=reuse_teacher, progress=progress, log=log)
         _release_freed_memory()  # the fill's activations
     else:
         cache = {} if cache_teacher else None

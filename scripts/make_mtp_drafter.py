@@ -19,7 +19,8 @@ H100 (generation 371 s, then training 432 s + 368 s + 220 s):
     python scripts/make_mtp_drafter.py OUT $A --train-minutes 4.2 --restart --lr 6e-4
 
 A run (and its teacher store) belongs to one corpus; once more generation has grown it, go on in a new run from the
-old one's weights: ``--gen-minutes 0 --run train2 --init-from train``.
+old one's weights: ``--gen-minutes 0 --run train2 --init-from train`` (the new store copies what the earlier runs'
+stores hold and runs the target only over the new answers).
 """
 import argparse
 import time
@@ -90,10 +91,11 @@ for name in ("a_greedy", "b_greedy", "a_t07"):  # the token data as plain arrays
 if args.device.startswith("cuda"):
     torch.backends.cuda.matmul.allow_tf32 = True  # the teacher's features: TF32 is plenty, 3-4x faster than fp32
 heads = parse_heads(args.heads)
+store = out / ("teacher" if args.run == "train" else f"{args.run}_teacher")
 train_on_sequences(target, sequences, out / args.run, heads=heads, draft_vocab_size=args.draft_vocab,
                    steps=args.steps, batch_size=args.train_batch, lr=args.lr, time_budget=60 * args.train_minutes,
                    restart=args.restart, init_from=None if args.init_from is None else out / args.init_from,
                    precision=args.precision, log_every=200, checkpoint_every=200, log=log, progress=False,
-                   cache_teacher=out / ("teacher" if args.run == "train" else f"{args.run}_teacher")
-                   if args.teacher_store else False)
+                   cache_teacher=store if args.teacher_store else False,
+                   reuse_teacher=[p for p in sorted(out.glob("*teacher")) if p != store])  # earlier runs' stores
 log("done")

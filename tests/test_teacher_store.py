@@ -21,17 +21,19 @@ def plain_draft_loss(s, w, p):
 
 @pytest.mark.parametrize("piece", [1 << 20, 3 * 50 + 7], ids=["one-piece", "ragged-pieces"])
 def test_the_draft_cross_entropy_equals_autograds(monkeypatch, piece):
-    """Loss, greedy draft and gradient of ``s`` equal the plain chain, also when the rows are cut into pieces that
-    do not divide a sequence (3 rows of 50 logits and change: 3-row pieces over 37 rows)."""
+    """Loss, greedy draft and gradient of ``s`` equal the plain chain against the teacher rows each row picks, also
+    when the rows are cut into pieces that do not divide them (3 rows of 50 logits and change: 3-row pieces over 37
+    rows), and the picked rows are out of order and repeat."""
     monkeypatch.setattr(train, "CE_PIECE", piece)
     gen = torch.Generator().manual_seed(0)
-    s = torch.randn(2, 37, 8, generator=gen)
+    s = torch.randn(37, 8, generator=gen)
     w = torch.randn(8, 50, generator=gen)
-    p = torch.softmax(2 * torch.randn(2, 37, 50, generator=gen), dim=-1)
-    g = torch.rand(2, 37, generator=gen)  # a weight per row, as the masked mean gives
+    p = torch.softmax(2 * torch.randn(60, 50, generator=gen), dim=-1)
+    rows = torch.randint(60, (37,), generator=gen)
+    g = torch.rand(37, generator=gen)  # a weight per row, as the masked mean gives
     got_s, want_s = s.clone().requires_grad_(), s.clone().requires_grad_()
-    got, got_top = train._DraftCrossEntropy.apply(got_s, w, p)
-    want, want_top = plain_draft_loss(want_s, w, p)
+    got, got_top = train._DraftCrossEntropy.apply(got_s, w, p, rows)
+    want, want_top = plain_draft_loss(want_s, w, p[rows])
     (got * g).sum().backward()
     (want * g).sum().backward()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -105,6 +107,41 @@ def test_an_interrupted_fill_resumes_to_the_same_store(data, tmp_path, monkeypat
     for i in range(len(seqs)):
         for a, b in zip(whole[i], resumed[i]):
             assert torch.equal(a, b)
+
+
+def test_the_store_of_a_grown_corpus_copies_what_an_earlier_store_holds(data, tmp_path, monkeypatch):
+    """A store for the corpus after it grew (old sequences in another order, new ones among them) runs the target
+    over the new sequences only and holds exactly what a store filled from scratch holds; stores of other layers,
+    unfinished ones and the store itself are passed over; a store from before the index gets one when opened."""
+    import numpy as np
+
+    target, seqs = data
+    fresh = TeacherStore(tmp_path / "fresh", target, seqs, True).fill(target.model, piece_tokens=40, progress=False,
+                                                                     log=lambda *_: None)
+    old = seqs[2:9]
+    TeacherStore(tmp_path / "old", target, old, True).fill(target.model, piece_tokens=40, progress=False,
+                                                          log=lambda *_: None)
+    (tmp_path / "old" / "index.npy").unlink()  # as stores were before the index
+    TeacherStore(tmp_path / "old", target, old, True)  # opening it writes the index
+    TeacherStore(tmp_path / "layers", target, seqs, [0, 1]).fill(target.model, progress=False, log=lambda *_: None)
+    real, rows = train._teacher, []
+    monkeypatch.setattr(train, "_teacher", lambda model, ids, *a: rows.extend(ids.tolist()) or real(model, ids, *a))
+    grown = seqs[9:] + seqs[:9][::-1]
+    said = []
+    store = TeacherStore(tmp_path / "grown", target, grown, True)
+    store.fill(target.model, piece_tokens=40, progress=False, log=said.append,
+               reuse=[tmp_path / "layers", tmp_path / "old", tmp_path / "grown", tmp_path / "missing"])
+    ran = sorted(tuple(r[:len(ids)]) for r in rows for ids, _ in seqs if r[:len(ids)] == ids and
+                 all(t == 0 for t in r[len(ids):]))
+    assert sorted(set(ran)) == sorted(tuple(ids) for ids, _ in seqs if (ids, _) not in old)
+    assert len(rows) == len(seqs) - len(old)
+    assert any("layers: another target or layers, not reused" in line for line in said)
+    assert any("grown: this store" in line for line in said) and any("missing: no index" in line for line in said)
+    assert any(f"{sum(len(ids) for ids, _ in old)} copied" in line for line in said)
+    for i, seq in enumerate(grown):
+        for a, b in zip(fresh[seqs.index(seq)], store[i]):
+            assert torch.equal(a, b)
+    assert np.load(tmp_path / "grown" / "index.npy").shape == (len(seqs), 3)
 
 
 def test_a_store_of_other_data_or_layers_is_refused(data, tmp_path):
