@@ -182,6 +182,7 @@ def _load_stream() -> str | None:
     if hasattr(handle, "mtplab_mtp_step"):  # only where the compiler knows _Float16 (GCC 12+, Clang)
         handle.mtplab_mtp_step.argtypes = [P, P, L, L, L, L, L, P, F32, P, P, P, P, P, P, P, I]
         handle.mtplab_mtp_step.restype = None
+        handle.mtplab_few_rows_linear_f16.argtypes, handle.mtplab_few_rows_linear_f16.restype = [P, P, P, L, L, L, I], None
     _LIB, _STREAM = handle, handle.mtplab_few_rows_linear
     return None
 
@@ -315,6 +316,83 @@ class TunedLinear(nn.Linear):
         cell[0] += time.perf_counter() - t0
         cell[1] += 1
         return y
+
+
+def half_unavailable() -> str | None:
+    """Why :func:`half_linear` cannot run here (``None``: it can)."""
+    if mode() == "off":
+        return "MTPLAB_KERNELS=off"
+    why = unavailable("stream")
+    if why is None and not hasattr(_LIB, "mtplab_few_rows_linear_f16"):
+        why = "the C compiler here has no _Float16"
+    return why
+
+
+def half_linear(x: torch.Tensor, w16: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, w16.float(), bias)`` by the C kernel from a float16 weight ``[out, in]`` (contiguous), float32
+    ``x`` and arithmetic: half the bytes of a float32 weight, for a few rows (check :func:`half_unavailable`)."""
+    x = x.float().contiguous()
+    y = torch.empty(*x.shape[:-1], w16.shape[0])
+    _LIB.mtplab_few_rows_linear_f16(x.data_ptr(), w16.data_ptr(), y.data_ptr(), x.numel() // x.shape[-1],
+                                    x.shape[-1], w16.shape[0], torch.get_num_threads())
+    return y if bias is None else y.add_(bias)
+
+
+class HalfLinear(nn.Linear):
+    """An ``nn.Linear`` whose float32 weight holds float16 values (a drafter saved in float16 and loaded), run by
+    :func:`half_linear` from a float16 copy for a few rows outside autograd: the same values, half the bytes.
+    Modules are this class only inside :meth:`HalfCopies.use`, as with :class:`TunedLinear` in :func:`use`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1] if x.dim() else 0
+        if (not 0 < rows <= MAX_ROWS or x.dtype != torch.float32
+                or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
+            return F.linear(x, self.weight, self.bias)
+        return half_linear(x, self.__dict__["_mtplab_w16"], self.bias)
+
+
+class HalfCopies:
+    """Float16 copies of a module's float32 CPU ``nn.Linear`` weights, for a drafter's few-row steps
+    (:class:`HalfLinear`). Only for weights that hold float16 values, so that the copies are exact: build it with
+    :meth:`of`, which says why not otherwise. :meth:`fresh`: whether the weights are still the ones copied (training
+    changes them)."""
+
+    def __init__(self, linears: list):
+        self.linears = linears
+        self.copies = [m.weight.detach().half().contiguous() for m in linears]
+        self.versions = self._versions()
+
+    @classmethod
+    def of(cls, module: nn.Module) -> "HalfCopies | str":
+        """The copies for ``module``'s linears, or why they cannot be made (a string)."""
+        why = half_unavailable()
+        if why is not None:
+            return why
+        linears = [m for m in module.modules() if type(m) is nn.Linear]
+        for m in linears:
+            w = m.weight.detach()
+            if w.device.type != "cpu" or w.dtype != torch.float32 or not torch.equal(w.half().float(), w):
+                return f"a weight of {shape_key(m)} is not float32 holding float16 values (save it in float16 and load it)"
+        return cls(linears)
+
+    def _versions(self):
+        return [m.weight._version for m in self.linears]
+
+    def fresh(self) -> bool:
+        return self._versions() == self.versions
+
+    @contextmanager
+    def use(self):
+        """The linears run :class:`HalfLinear` inside this block (F.linear for many rows or under autograd)."""
+        for m, w16 in zip(self.linears, self.copies):
+            m.__dict__["_mtplab_w16"] = w16
+            m.__class__ = HalfLinear
+        try:
+            yield
+        finally:
+            for m in self.linears:
+                m.__class__ = nn.Linear
+                m.__dict__.pop("_mtplab_w16", None)
 
 
 @contextmanager

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mtplab
-from mtplab import SpeculativeDecoder, sampling
+from mtplab import SpeculativeDecoder, kernels, sampling
 from mtplab.drafters.eagle import Eagle3Drafter, Eagle3Head, default_target_layers
 from mtplab.drafters.mtp import MTPDrafter
 from mtplab.models import forward, new_cache
@@ -369,3 +369,83 @@ def test_a_run_starts_from_another_runs_heads_on_other_data(trained, tmp_path):
         train_on_sequences(target, seqs[:30], tmp_path / "none", steps=1, init_from=tmp_path / "nowhere", **kw)
     with pytest.raises(ValueError, match=r"init_from: .* trained heads eagle3\(layers \[1, 2\].*, not heads 2x32"):
         train_on_sequences(target, seqs[:30], tmp_path / "other", steps=1, init_from=out, **{**kw, "heads": [(2, 32)]})
+
+
+# --- drafting from float16 copies (mtplab.kernels.HalfCopies), where measured faster ------------------------------
+def half_eagle(target, seed=0, vocab_ids=None):
+    """A random head whose weights are float16 values, as a saved and loaded drafter's are."""
+    drafter = random_eagle(target, seed, vocab_ids)
+    with torch.no_grad():
+        for p in drafter.head.parameters():
+            p.copy_(p.half().float())
+    return drafter
+
+
+def bound(target, drafter, choice, monkeypatch):
+    """``drafter`` bound to ``target`` as if a drafting step had been measured faster by ``choice``."""
+    monkeypatch.setattr(kernels, "timed_choice", lambda key, runs, **kw: choice)
+    drafter.bind(target)
+    return drafter
+
+
+def needs_half():
+    why = kernels.half_unavailable()
+    if why is not None:
+        pytest.fail(f"the float16 product cannot run here: {why}")
+
+
+@pytest.mark.parametrize("rows, out, inner", [(1, 64, 48), (3, 50, 37), (5, 97, 40)])
+def test_the_float16_product_is_f_linear_of_the_same_values(rows, out, inner):
+    """Sizes off the kernel's 16-lane and 4-row blocks: its tails run too."""
+    needs_half()
+    w = torch.randn(out, inner).half().float()
+    x, b = torch.randn(rows, inner), torch.randn(out)
+    torch.testing.assert_close(kernels.half_linear(x, w.half().contiguous(), b), torch.nn.functional.linear(x, w, b),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_drafts_from_float16_copies_are_the_modules_drafts(monkeypatch):
+    """The head's linears from float16 copies of the same values and the LM head rounded to float16 give the
+    modules' draft probabilities up to that rounding and the same drafts; decoding stays exactly plain greedy."""
+    needs_half()
+    target = tiny(num_layers=4)
+    ids = PROMPT + [7, 8, 9, 10]
+    drafts = {}
+    for choice in ("modules", "half"):
+        drafter = bound(target, half_eagle(target, vocab_ids=torch.arange(0, target.vocab_size, 2)), choice,
+                        monkeypatch)
+        assert (drafter._half is not None) == (choice == "half")
+        drafter.reset(ids)
+        drafter.observe(features(target, drafter, ids[:-1]), None)
+        with torch.inference_mode():
+            drafts[choice] = drafter.propose(ids, 4, SamplingConfig(), torch.Generator())
+        plain = SpeculativeDecoder(target, None).generate(PROMPT, 30).token_ids
+        trace = SpeculativeDecoder(target, drafter, num_draft_tokens=3, schedule="constant").generate(PROMPT, 30)
+        assert trace.token_ids == plain
+    assert drafts["half"].tokens == drafts["modules"].tokens
+    torch.testing.assert_close(drafts["half"].q, drafts["modules"].q, rtol=0, atol=2e-3)
+    assert not torch.equal(drafts["half"].q, drafts["modules"].q)  # the float16 path did run
+
+
+def test_float16_copies_only_of_float16_values_and_while_fresh(monkeypatch):
+    """A head trained in float32 gets no copies (with the reason); a head whose weights changed after binding
+    drafts through its modules again."""
+    needs_half()
+    target = tiny(num_layers=4)
+    assert "float16 values" in kernels.HalfCopies.of(random_eagle(target).head)
+    drafter = bound(target, half_eagle(target), "half", monkeypatch)
+    ids = PROMPT + [7, 8]
+    with torch.no_grad():
+        drafter.head.layers[0].mlp.down_proj.weight.mul_(2.0)
+    assert not drafter._half.fresh()
+    modules = Eagle3Drafter(drafter.head)
+    modules.bind(target)
+    modules._half = None
+    for d in (drafter, modules):
+        d.reset(ids)
+        d.observe(features(target, d, ids[:-1]), None)
+    with torch.inference_mode():
+        got, want = (d.propose(ids, 3, SamplingConfig(), torch.Generator()) for d in (drafter, modules))
+    assert got.tokens == want.tokens and torch.equal(got.q, want.q)
+    monkeypatch.setenv("MTPLAB_KERNELS", "off")
+    assert kernels.HalfCopies.of(half_eagle(target).head) == "MTPLAB_KERNELS=off"

@@ -202,11 +202,9 @@ class FusedHeadStep:
         """Why a head cannot take this step (``None``: it can)."""
         from .. import kernels
 
-        if kernels.mode() == "off":
-            return "MTPLAB_KERNELS=off"
-        why = kernels.unavailable("stream")
-        if why is not None or not hasattr(kernels._LIB, "mtplab_mtp_step"):
-            return why or "the C compiler here has no _Float16"
+        why = kernels.half_unavailable()  # the step is compiled with the float16 product, or not at all
+        if why is not None:
+            return why
         if head.attn is not None:
             return "the head reads the context (an attention block)"
         if lm_head_weight.device.type != "cpu" or lm_head_weight.dtype != torch.float32:
