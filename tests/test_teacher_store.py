@@ -2,6 +2,8 @@
 (``TeacherStore``), the draft loss in pieces with its gradient written out (``_DraftCrossEntropy``), and the
 training-time test's own rows joining the attention as one score each (``Eagle3Attention.attend(..., own)``).
 Each must equal the plain computation it replaces."""
+import json
+
 import pytest
 import torch
 
@@ -124,18 +126,22 @@ def test_the_store_of_a_grown_corpus_copies_what_an_earlier_store_holds(data, tm
     (tmp_path / "old" / "index.npy").unlink()  # as stores were before the index
     TeacherStore(tmp_path / "old", target, old, True)  # opening it writes the index
     TeacherStore(tmp_path / "layers", target, seqs, [0, 1]).fill(target.model, progress=False, log=lambda *_: None)
+    TeacherStore(tmp_path / "part", target, seqs[9:], True).fill(target.model, progress=False, log=lambda *_: None)
+    meta = json.loads((tmp_path / "part" / "teacher.json").read_text())
+    (tmp_path / "part" / "teacher.json").write_text(json.dumps(dict(meta, done=1)))  # as if cut off after a piece
     real, rows = train._teacher, []
     monkeypatch.setattr(train, "_teacher", lambda model, ids, *a: rows.extend(ids.tolist()) or real(model, ids, *a))
     grown = seqs[9:] + seqs[:9][::-1]
     said = []
     store = TeacherStore(tmp_path / "grown", target, grown, True)
     store.fill(target.model, piece_tokens=40, progress=False, log=said.append,
-               reuse=[tmp_path / "layers", tmp_path / "old", tmp_path / "grown", tmp_path / "missing"])
+               reuse=[tmp_path / name for name in ("layers", "part", "old", "grown", "missing")])
     ran = sorted(tuple(r[:len(ids)]) for r in rows for ids, _ in seqs if r[:len(ids)] == ids and
                  all(t == 0 for t in r[len(ids):]))
     assert sorted(set(ran)) == sorted(tuple(ids) for ids, _ in seqs if (ids, _) not in old)
     assert len(rows) == len(seqs) - len(old)
     assert any("layers: another target or layers, not reused" in line for line in said)
+    assert any("part: unfinished, not reused" in line for line in said)
     assert any("grown: this store" in line for line in said) and any("missing: no index" in line for line in said)
     assert any(f"{sum(len(ids) for ids, _ in old)} copied" in line for line in said)
     for i, seq in enumerate(grown):
