@@ -176,8 +176,9 @@ def _race_checks(race) -> None:
         finished_at = float(lane.get_attribute("data-finished-at"))
         assert lane.locator(".text .tok").count() == tokens > 0
         assert lane.locator(".text .pass").count() == passes
-        # on its own recorded pace (the page ticks every 20 ms; a loaded machine may stall a tick for a while)
-        assert seconds <= finished_at < seconds + STALL, (key, seconds, finished_at)
+        # on its own recorded pace (the page ticks every 20 ms; a loaded machine may stall a tick for a while);
+        # data-finished-at is written to 3 decimals, so it may read up to 0.0005 s below the moment it was reached
+        assert seconds - 5e-4 <= finished_at < seconds + STALL, (key, seconds, finished_at)
         lanes[key] = (seconds, tokens, passes, finished_at)
     plain, spec = lanes["plain"], lanes["spec"]
     assert plain[1] == plain[2], "plain decoding emits one token per pass"
