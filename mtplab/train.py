@@ -234,16 +234,17 @@ class TeacherStore:
 
     :meth:`fill` writes the sequences in pieces (shortest first, so a piece pads little) and records each piece once it
     is on disk, so an interrupted fill resumes; a folder that holds the outputs for other data, another target or
-    other layers is refused before anything is read. ``store[i]``: sequence ``i``'s ``[hidden, final, top]``.
+    other layers, or filled at another precision (``dtype``: the arithmetic of the model that fills it, the target or
+    its bfloat16 copy) is refused before anything is read. ``store[i]``: sequence ``i``'s ``[hidden, final, top]``.
     ``index.npy`` names each sequence's rows (a hash of its tokens, first row, end), so that the store of a grown
     corpus copies what an earlier store holds instead of running the target again (:meth:`fill`'s ``reuse``)."""
 
-    def __init__(self, folder, target, sequences, hidden=True):
+    def __init__(self, folder, target, sequences, hidden=True, dtype=torch.float32):
         import numpy as np
 
         self.folder, self.sequences = Path(folder), sequences
         self.meta = dict(model=target.name, hidden=hidden if hidden is True else list(hidden),
-                         data=data_fingerprint(sequences))
+                         data=data_fingerprint(sequences), dtype=str(dtype).removeprefix("torch."))
         self.hidden_request = hidden
         self.offsets = np.cumsum([0] + [len(ids) for ids, _ in sequences]).tolist()
         self.keys = [_sequence_key(ids) for ids, _ in sequences]
@@ -295,10 +296,13 @@ class TeacherStore:
     def fill(self, model, *, piece_tokens: int = 4096, pad: int = 0, reuse=(), progress: bool = True, log=print):
         """Run ``model`` (the target, or its bfloat16 copy) over the sequences not yet stored, ``piece_tokens``
         padded tokens at a time, flushing and recording each piece. ``reuse``: folders of other stores (e.g. of the
-        corpus before it grew); a sequence one of them holds complete, for the same target and layers, is copied
-        from it instead (stores of another target or layers, unfinished or without an index are passed over)."""
+        corpus before it grew); a sequence one of them holds complete, for the same target, layers and precision, is
+        copied from it instead (stores of another target, layers or precision, unfinished or without an index are
+        passed over)."""
         from tqdm.auto import tqdm
 
+        if str(model.dtype).removeprefix("torch.") != self.meta["dtype"]:
+            raise ValueError(f"the store {self.folder} is for a teacher in {self.meta['dtype']}, not {model.dtype}")
         order = sorted(range(len(self.sequences)), key=lambda i: len(self.sequences[i][0]))
         start = self.done or 0
         if self.done is not None and self.arrays is None:
@@ -359,7 +363,8 @@ class TeacherStore:
 
     def _reusable(self, folders, wanted: set, log) -> tuple:
         """``{key: (arrays, first row)}`` of the ``wanted`` sequences that the complete stores in ``folders`` hold
-        for this target and these layers (memory-mapped, read-only), and their ``(hidden, final)`` widths."""
+        for this target, these layers and this precision (memory-mapped, read-only), and their ``(hidden, final)``
+        widths."""
         import numpy as np
 
         found, widths = {}, None
@@ -374,6 +379,8 @@ class TeacherStore:
                 log(f"teacher store {folder}: no index (or no store), not reused")
                 continue
             why = ("another target or layers" if any(saved.get(k) != self.meta[k] for k in ("model", "hidden")) else
+                   f"filled in {saved.get('dtype', 'an unrecorded precision')}, not {self.meta['dtype']}"
+                   if saved.get("dtype") != self.meta["dtype"] else
                    "unfinished" if saved["done"] != saved["data"]["sequences"] else None)
             if why:
                 log(f"teacher store {folder}: {why}, not reused")
@@ -588,6 +595,8 @@ def _describe(key, value) -> str:
         return "heads " + ",".join(
             f"eagle3(layers {h['target_layers']}, mlp {h['intermediate_size']})" if h.get("kind") == "eagle3"
             else f"{h['num_layers']}x{h['intermediate_size']}" + "+ctx" * h["context_attention"] for h in value)
+    if key == "dtype":
+        return f"teacher precision {value or 'unrecorded'}"
     if key == "data":
         return (f"data of {value['sequences']} sequences, {value['tokens']} tokens, {value['answer_tokens']} trained on "
                 f"(sha256 {value['sha256'][:12]})")
@@ -725,7 +734,7 @@ def train_on_sequences(target, sequences, out_dir, *, heads=((2, None),), draft_
     decoded_gamma = min(3, unroll)  # the bench's γ for the acceptance the decoder would see (decoded_acceptance)
     embed_f = lambda x: embed(x).detach().float()  # the target's embedding: an input, never trained
     if isinstance(cache_teacher, (str, Path)):
-        cache = TeacherStore(cache_teacher, target, sequences, hidden_request)
+        cache = TeacherStore(cache_teacher, target, sequences, hidden_request, dtype=teacher.dtype)
         cache.fill(teacher, pad=pad, reuse=reuse_teacher, progress=progress, log=log)
         _release_freed_memory()  # the fill's activations
     else:

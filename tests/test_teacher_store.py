@@ -2,6 +2,7 @@
 (``TeacherStore``), the draft loss in pieces with its gradient written out (``_DraftCrossEntropy``), and the
 training-time test's own rows joining the attention as one score each (``Eagle3Attention.attend(..., own)``).
 Each must equal the plain computation it replaces."""
+import copy
 import json
 
 import pytest
@@ -126,6 +127,8 @@ def test_the_store_of_a_grown_corpus_copies_what_an_earlier_store_holds(data, tm
     (tmp_path / "old" / "index.npy").unlink()  # as stores were before the index
     TeacherStore(tmp_path / "old", target, old, True)  # opening it writes the index
     TeacherStore(tmp_path / "layers", target, seqs, [0, 1]).fill(target.model, progress=False, log=lambda *_: None)
+    TeacherStore(tmp_path / "half", target, seqs, True, dtype=torch.bfloat16).fill(
+        copy.deepcopy(target.model).to(torch.bfloat16), progress=False, log=lambda *_: None)
     TeacherStore(tmp_path / "part", target, seqs[9:], True).fill(target.model, progress=False, log=lambda *_: None)
     meta = json.loads((tmp_path / "part" / "teacher.json").read_text())
     (tmp_path / "part" / "teacher.json").write_text(json.dumps(dict(meta, done=1)))  # as if cut off after a piece
@@ -135,12 +138,13 @@ def test_the_store_of_a_grown_corpus_copies_what_an_earlier_store_holds(data, tm
     said = []
     store = TeacherStore(tmp_path / "grown", target, grown, True)
     store.fill(target.model, piece_tokens=40, progress=False, log=said.append,
-               reuse=[tmp_path / name for name in ("layers", "part", "old", "grown", "missing")])
+               reuse=[tmp_path / name for name in ("half", "layers", "part", "old", "grown", "missing")])
     ran = sorted(tuple(r[:len(ids)]) for r in rows for ids, _ in seqs if r[:len(ids)] == ids and
                  all(t == 0 for t in r[len(ids):]))
     assert sorted(set(ran)) == sorted(tuple(ids) for ids, _ in seqs if (ids, _) not in old)
     assert len(rows) == len(seqs) - len(old)
     assert any("layers: another target or layers, not reused" in line for line in said)
+    assert any("half: filled in bfloat16, not float32, not reused" in line for line in said)
     assert any("part: unfinished, not reused" in line for line in said)
     assert any("grown: this store" in line for line in said) and any("missing: no index" in line for line in said)
     assert any(f"{sum(len(ids) for ids, _ in old)} copied" in line for line in said)
@@ -157,6 +161,10 @@ def test_a_store_of_other_data_or_layers_is_refused(data, tmp_path):
         TeacherStore(tmp_path, target, seqs[:11], True)
     with pytest.raises(ValueError, match=r"another run.*hidden \[0, 1\]"):
         TeacherStore(tmp_path, target, seqs, [0, 1])
+    with pytest.raises(ValueError, match="another run.*teacher precision float32, not teacher precision bfloat16"):
+        TeacherStore(tmp_path, target, seqs, True, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="for a teacher in float32, not torch.bfloat16"):
+        TeacherStore(tmp_path / "new", target, seqs, True).fill(copy.deepcopy(target.model).to(torch.bfloat16))
 
 
 def test_training_from_a_store_runs_no_target_pass_after_filling_it(data, tmp_path, monkeypatch):
