@@ -355,16 +355,19 @@ class HalfCopies:
     """Float16 copies of a module's float32 CPU ``nn.Linear`` weights, for a drafter's few-row steps
     (:class:`HalfLinear`). Only for weights that hold float16 values, so that the copies are exact: build it with
     :meth:`of`, which says why not otherwise. :meth:`fresh`: whether the weights are still the ones copied (training
-    changes them)."""
+    changes them). ``extra``: one more weight ``[out, in]`` copied *rounded* to float16 (``self.extra``, for
+    :func:`half_linear`; e.g. a drafter's rows of the target's LM head, where verification keeps the output exact for
+    any draft probabilities), or ``None``."""
 
-    def __init__(self, linears: list):
+    def __init__(self, linears: list, extra: torch.Tensor | None = None):
         self.linears = linears
         self.copies = [m.weight.detach().half().contiguous() for m in linears]
+        self.extra = None if extra is None else extra.detach().half().contiguous()
         self.versions = self._versions()
 
     @classmethod
-    def of(cls, module: nn.Module) -> "HalfCopies | str":
-        """The copies for ``module``'s linears, or why they cannot be made (a string)."""
+    def of(cls, module: nn.Module, extra: torch.Tensor | None = None) -> "HalfCopies | str":
+        """The copies for ``module``'s linears (and ``extra``), or why they cannot be made (a string)."""
         why = half_unavailable()
         if why is not None:
             return why
@@ -373,7 +376,7 @@ class HalfCopies:
             w = m.weight.detach()
             if w.device.type != "cpu" or w.dtype != torch.float32 or not torch.equal(w.half().float(), w):
                 return f"a weight of {shape_key(m)} is not float32 holding float16 values (save it in float16 and load it)"
-        return cls(linears)
+        return cls(linears, extra)
 
     def _versions(self):
         return [m.weight._version for m in self.linears]

@@ -427,6 +427,25 @@ def test_drafts_from_float16_copies_are_the_modules_drafts(monkeypatch):
     assert not torch.equal(drafts["half"].q, drafts["modules"].q)  # the float16 path did run
 
 
+def test_the_measurement_times_the_modules_against_the_float16_copies(monkeypatch):
+    """The two drafting steps timed at binding: one through the modules (no float16 product), one through the
+    copies (head and LM head), each a step to draft logits; binding leaves the drafter's choice to the timing."""
+    needs_half()
+    target, runs, calls = tiny(num_layers=4), {}, []
+    monkeypatch.setattr(kernels, "timed_choice", lambda key, r, **kw: runs.update(r) or "modules")
+    drafter = half_eagle(target)
+    drafter.bind(target)
+    assert drafter._half is None and set(runs) == {"modules", "half"}
+    real = kernels.half_linear
+    monkeypatch.setattr(kernels, "half_linear", lambda x, w, b=None: calls.append(tuple(w.shape)) or real(x, w, b))
+    with torch.inference_mode():
+        runs["modules"]()
+        assert calls == []
+        runs["half"]()
+    lm = drafter._lm_head_t
+    assert (lm.shape[1], lm.shape[0]) in calls and len(calls) > 1  # the LM head's copy and the head's linears
+
+
 def test_float16_copies_only_of_float16_values_and_while_fresh(monkeypatch):
     """A head trained in float32 gets no copies (with the reason); a head whose weights changed after binding
     drafts through its modules again."""

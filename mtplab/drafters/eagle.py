@@ -251,33 +251,38 @@ class Eagle3Drafter(Drafter):
         from .. import kernels
         from ..models import kernel_pass
 
-        half = kernels.HalfCopies.of(self.head)
+        half = kernels.HalfCopies.of(self.head, extra=self._lm_head_t.t())
         if isinstance(half, str):
             return None
-        half.lm = self._lm_head_t.t().half().contiguous()
         e, g, pos = self.embed(torch.tensor([1])).detach(), torch.zeros(1, self._lm_head_t.shape[0]), torch.tensor([0])
-        one = lambda: self.logits(self.head.step(e, g, pos)[0])  # noqa: E731 (a drafting step)
+        step = lambda: self.head.step(e, g, pos)[0]  # noqa: E731 (a drafting step's layer)
 
         def with_half():
-            self._half = half
-            try:
-                with half.use():
-                    one()
-            finally:
-                self._half = None
+            with half.use():
+                self._logits(step(), half.extra)
 
-        self._half, target_pass = None, kernel_pass(target.model)
+        target_pass = kernel_pass(target.model)
         key = f"eagle3-step|{kernels.model_key(target.model)}|{self.head.config}|{self._lm_head_t.shape[1]}"
-        faster = kernels.timed_choice(key, {"modules": one, "half": with_half}, sweep=lambda: target_pass(1))
+        faster = kernels.timed_choice(key, {"modules": lambda: self._logits(step(), None), "half": with_half},
+                                      sweep=lambda: target_pass(1))
         return half if faster == "half" else None
+
+    def _fresh_half(self):
+        """The float16 copies, while the head's weights are still the ones copied (else ``None``: the modules)."""
+        return self._half if self._half is not None and self._half.fresh() else None
 
     def logits(self, g: torch.Tensor) -> torch.Tensor:
         """Draft logits over the full vocabulary (``-inf`` outside the draft vocabulary) from output states."""
+        half = self._fresh_half()
+        return self._logits(g, None if half is None else half.extra)
+
+    def _logits(self, g: torch.Tensor, lm16: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`logits` with the LM head's float16 copy ``lm16`` for a few rows outside autograd, or ``None``."""
         from .. import kernels
         from .mtp import full_vocab_logits
 
-        s, half = self.head.norm(g), self._half
-        small = (kernels.half_linear(s, half.lm) if half is not None and half.fresh() and not torch.is_grad_enabled()
+        s = self.head.norm(g)
+        small = (kernels.half_linear(s, lm16) if lm16 is not None and not torch.is_grad_enabled()
                  and s.shape[0] <= kernels.MAX_ROWS else s @ self._lm_head_t)
         return full_vocab_logits(small, self.vocab_ids, self.target.vocab_size)
 
@@ -305,7 +310,7 @@ class Eagle3Drafter(Drafter):
             raise ValueError(f"this EAGLE-3 drafter reads the context: it needs the target's hidden states of all {m} "
                              f"earlier positions (the decoder hands them over via observe), it has "
                              f"{len(self._features)}")
-        half = self._half if self._half is not None and self._half.fresh() else None
+        half = self._fresh_half()
         with half.use() if half is not None else nullcontext():
             return self._propose(ids, m, k, cfg, generator)
 
