@@ -337,7 +337,7 @@ def test_decoded_acceptance_is_what_the_decoder_measures(trained):
     hidden, final, top = train._teacher(target.model, ids, mask, drafter.hidden_layers)
     with torch.no_grad():
         _, matches, _ = train._sequence_loss(drafter.head, lambda x: embed(x).float(), lm_head_t, vocab_map, hidden,
-                                             ids, answer, train._teacher_p(final, lm_head_t), top, 4, [1.0] * 4)
+                                             ids, answer, train._teacher_p(final, lm_head_t, answer), top, 4, [1.0] * 4)
     length = 30  # answers cut at 30 of their 40 tokens: seeds exist up to their end
     cut = answer & (torch.arange(ids.shape[1]) < 6 + length)
     for gamma in (1, 3):

@@ -284,7 +284,7 @@ def test_the_training_loss_is_the_unrolled_self_distillation_loss(trained_seq, v
     ids, mask, answer = _pad_batch(seqs, 0, "cpu")
     hidden, final, top = _teacher(target.model, ids, mask)
     lm_head_t, vocab_map = _draft_head(target, ids_t)
-    p = _teacher_p(final, lm_head_t)
+    p = _teacher_p(final, lm_head_t, answer)  # only where the next token is one to learn
     with torch.no_grad():
         loss, matches, seeds = _sequence_loss(head, lambda x: target.model.get_input_embeddings()(x).float(),
                                               lm_head_t, vocab_map, hidden, ids, answer, p, top, 4, weights)
