@@ -214,11 +214,13 @@ def test_bad_targets_and_states_are_refused(trained):
 
 def test_bfloat16_training_lowers_the_loss_and_bad_precision_is_refused(trained, tmp_path):
     """precision="bfloat16": the teacher pass and the head under autocast (the fast path on AMX CPUs) still
-    learn; the saved drafter is float16 as always. A precision outside the list is refused."""
+    learn; the saved drafter is float16 as always; its teacher store records the teacher's bfloat16. A precision
+    outside the list is refused."""
     target, seqs, _, _ = trained
     drafter = train_on_sequences(target, seqs, tmp_path / "bf16", heads=["eagle3"], draft_vocab_size=48, steps=60,
                                  batch_size=8, lr=3e-3, val_size=6, log_every=20, checkpoint_every=60,
-                                 precision="bfloat16", **QUIET)[0]
+                                 precision="bfloat16", cache_teacher=tmp_path / "store", **QUIET)[0]
+    assert json.loads((tmp_path / "store" / "teacher.json").read_text())["dtype"] == "bfloat16"
     first, last = drafter.history[0], drafter.history[-1]
     assert last["val_loss"] < first["val_loss"] - 0.1, (first, last)
     assert all(p.dtype == torch.float32 for p in drafter.head.parameters())

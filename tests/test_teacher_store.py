@@ -189,3 +189,36 @@ def test_training_from_a_store_runs_no_target_pass_after_filling_it(data, tmp_pa
     plain = SpeculativeDecoder(target, None).generate(prompt, 20).token_ids
     trace = SpeculativeDecoder(target, drafter, num_draft_tokens=3, schedule="constant").generate(prompt, 20)
     assert trace.token_ids == plain
+
+
+def test_training_keeps_its_big_arrays_on_the_heap(data, tmp_path, monkeypatch):
+    """Inside the training loop a 64 MB array comes from glibc's heap (pages freed by the step before are reused)
+    instead of a fresh mapping faulted in page by page; outside it glibc maps it again. Every step runs inside."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in
+                    "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+    libc = train._libc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        pytest.fail("this test reads glibc's mallinfo2 (glibc >= 2.33), which this C library lacks")
+    libc.mallinfo2.restype = MallInfo2
+
+    def mapped():
+        before = libc.mallinfo2().hblks
+        x = torch.empty(16 << 20)
+        n = libc.mallinfo2().hblks - before
+        del x
+        return n
+
+    assert mapped() == 1
+    with train._big_arrays_on_the_heap():
+        assert mapped() == 0
+    assert mapped() == 1
+    target, seqs = data
+    inside = []
+    monkeypatch.setattr(train, "_release_freed_memory", lambda: inside.append(mapped() == 0))
+    train_on_sequences(target, seqs, tmp_path / "run", heads=["eagle3"], draft_vocab_size=40, steps=20, batch_size=4,
+                       val_size=2, log_every=10, **QUIET)
+    assert inside == [True, True, False]  # every RELEASE_EVERY steps inside the loop; after it, outside
