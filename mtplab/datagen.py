@@ -333,11 +333,15 @@ def _stage_batch_size(out_dir: Path, batch_size: int, log) -> int:
     return size
 
 
+STAGES = ("a_greedy", "b_greedy", "a_t07", "b_t07")  # the answer corpus's folders, in the order they are made
+
+
 def build_answer_corpus(target, out_dir, *, minutes: float | None = None, batch_size: int = 256,
                         max_new_tokens: int = 256, limit: int | None = None, precision: str = "float32",
                         log=print) -> list:
     """The shipped drafter's recipe: stage-A prompts -> greedy answers, stage-B prompts (about those answers and
-    about standard-library docs) -> greedy answers, stage-A prompts again sampled at T=0.7. Each stage writes
+    about standard-library docs) -> greedy answers, stage-A prompts again sampled at T=0.7, stage-B prompts again
+    sampled at T=0.7 (added to reach 3 M answer tokens on a CPU; the shipped head saw the first three). Each stage writes
     shards under ``out_dir`` and resumes; ``minutes`` bounds all generation together (stages stop cleanly at a
     batch boundary); ``precision``: the decoding arithmetic (:func:`generate_answers`). Returns every
     ``(ids, answer_start)`` sequence generated so far."""
@@ -360,8 +364,10 @@ def build_answer_corpus(target, out_dir, *, minutes: float | None = None, batch_
     if b_path.exists():
         generate_answers(target, json.loads(b_path.read_text()), out / "b_greedy", **gen)
     generate_answers(target, prompts_a, out / "a_t07", temperature=0.7, seed=1, **gen)
+    if b_path.exists():
+        generate_answers(target, json.loads(b_path.read_text()), out / "b_t07", temperature=0.7, seed=2, **gen)
     sequences = []
-    for name in ("a_greedy", "b_greedy", "a_t07"):
+    for name in STAGES:
         seqs = load_sequences(out / name)
         log(f"{name}: {len(seqs)} sequences, {sum(len(i) - s for i, s in seqs)} answer tokens")
         sequences += seqs

@@ -5,8 +5,9 @@
 1. stage-A prompts (mtplab.datagen.make_prompts) -> the target's greedy answers          OUT/a_greedy/
 2. stage-B prompts about those answers and about standard-library docs -> greedy answers   OUT/b_greedy/
 3. the stage-A prompts again, sampled at T=0.7                                             OUT/a_t07/
-4. MTP heads trained on all of it (mtplab.train.train_on_sequences)                        OUT/train/head*/
-5. the data packed as uint16 token arrays (OUT/data_*.npy) so training can be redone without generation.
+4. the stage-B prompts again, sampled at T=0.7 (added later, for >= 3 M answer tokens)     OUT/b_t07/
+5. MTP heads trained on all of it (mtplab.train.train_on_sequences)                        OUT/train/head*/
+6. the data packed as uint16 token arrays (OUT/data_*.npy) so training can be redone without generation.
 
 Every stage writes shards/checkpoints and skips what exists, so re-running the same command resumes. The time
 limits stop generation cleanly at a batch boundary and fit the training schedule. It runs on a CPU too, only far
@@ -82,7 +83,7 @@ log(f"target {target} on {args.device}")
 sequences = datagen.build_answer_corpus(target, out, minutes=args.gen_minutes, batch_size=args.batch_size,
                                         max_new_tokens=args.max_new_tokens, limit=args.limit,
                                         precision=args.gen_precision, log=log)
-for name in ("a_greedy", "b_greedy", "a_t07"):  # the token data as plain arrays, to re-train without generating
+for name in datagen.STAGES:  # the token data as plain arrays, to re-train without generating
     seqs = datagen.load_sequences(out / name)
     if seqs:
         np.save(out / f"data_{name}_tokens.npy", np.array([t for ids, _ in seqs for t in ids], dtype=np.uint16))

@@ -155,10 +155,11 @@ def test_answers_decoded_in_bfloat16_come_from_a_bfloat16_copy_and_say_so(bundle
 def test_stage_b_waits_until_stage_a_is_complete(tmp_path, monkeypatch):
     """Stage B's prompts ask about all of stage A's answers: a run whose time ran out in stage A must not freeze
     them from the part it has (a re-run that completes A makes them)."""
-    calls = []
+    calls, temperatures = [], {}
 
     def fake_generate(target, prompts, out_dir, **kw):
         calls.append(out_dir.name)
+        temperatures[out_dir.name] = (kw.get("temperature", 0.0), kw.get("seed", 0), len(prompts))
         out_dir.mkdir(parents=True, exist_ok=True)
         if out_dir.name == "a_greedy" and finish_a:
             (out_dir / datagen.COMPLETE).write_text("1 shards\n")
@@ -173,7 +174,9 @@ def test_stage_b_waits_until_stage_a_is_complete(tmp_path, monkeypatch):
     assert calls == ["a_greedy", "a_t07"] and not (tmp_path / "prompts_b.json").exists()
     finish_a, calls[:] = True, []
     datagen.build_answer_corpus(None, tmp_path, log=lambda msg: None)
-    assert calls == ["a_greedy", "b_greedy", "a_t07"] and (tmp_path / "prompts_b.json").exists()
+    assert calls == ["a_greedy", "b_greedy", "a_t07", "b_t07"] and (tmp_path / "prompts_b.json").exists()
+    b = len(json.loads((tmp_path / "prompts_b.json").read_text()))  # the sampled stages: other seeds, same prompts
+    assert temperatures == {"a_greedy": (0.0, 0, 2), "b_greedy": (0.0, 0, b), "a_t07": (0.7, 1, 2), "b_t07": (0.7, 2, b)}
 
 
 def test_generate_answers_refuses_an_unknown_precision(tmp_path):

@@ -32,7 +32,7 @@ def test_the_one_command_makes_a_drafter_that_loads_decodes_exactly_and_exports(
     log = make(out, 4, heads)
     assert "a_greedy: 6 sequences, 72 answer tokens" in log and log.rstrip().endswith("done")
     shards = {p: p.stat().st_mtime_ns for p in out.glob("*/shard_*.pt")}
-    assert {p.parent.name for p in shards} == {"a_greedy", "b_greedy", "a_t07"}
+    assert {p.parent.name for p in shards} == {"a_greedy", "b_greedy", "a_t07", "b_t07"}
     assert (out / "data_a_greedy_tokens.npy").exists()
 
     again = make(out, 6, heads)  # the same command with more steps: no data made again, training resumes
