@@ -2,6 +2,7 @@
 (``TeacherStore``), the draft loss in pieces with its gradient written out (``_DraftCrossEntropy``), and the
 training-time test's own rows joining the attention as one score each (``Eagle3Attention.attend(..., own)``).
 Each must equal the plain computation it replaces."""
+import contextlib
 import copy
 import json
 
@@ -192,33 +193,46 @@ def test_training_from_a_store_runs_no_target_pass_after_filling_it(data, tmp_pa
 
 
 def test_training_keeps_its_big_arrays_on_the_heap(data, tmp_path, monkeypatch):
-    """Inside the training loop a 64 MB array comes from glibc's heap (pages freed by the step before are reused)
-    instead of a fresh mapping faulted in page by page; outside it glibc maps it again. Every step runs inside."""
-    import ctypes
+    """Inside _big_arrays_on_the_heap a 64 MB array comes from glibc's heap (pages freed by the step before are
+    reused) instead of a fresh mapping faulted in page by page; after it glibc maps such arrays again (checked in a
+    fresh process: a heap that held big arrays serves them from its free space). Every step runs inside it."""
+    import subprocess
+    import sys
 
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [(name, ctypes.c_size_t) for name in
-                    "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
-
-    libc = train._libc()
-    if libc is None or not hasattr(libc, "mallinfo2"):
-        pytest.fail("this test reads glibc's mallinfo2 (glibc >= 2.33), which this C library lacks")
-    libc.mallinfo2.restype = MallInfo2
-
-    def mapped():
-        before = libc.mallinfo2().hblks
-        x = torch.empty(16 << 20)
-        n = libc.mallinfo2().hblks - before
-        del x
-        return n
-
-    assert mapped() == 1
-    with train._big_arrays_on_the_heap():
-        assert mapped() == 0
-    assert mapped() == 1
+    check = """
+import ctypes, torch
+from mtplab import train
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc = train._libc()
+if libc is None or not hasattr(libc, "mallinfo2"):
+    raise SystemExit("this test reads glibc's mallinfo2 (glibc >= 2.33), which this C library lacks")
+libc.mallinfo2.restype = MallInfo2
+def mapped():
+    before = libc.mallinfo2().hblks
+    x = torch.empty(16 << 20)
+    n = libc.mallinfo2().hblks - before
+    del x
+    return n
+outside = mapped()
+with train._big_arrays_on_the_heap():
+    inside = mapped()
+print(outside, inside, mapped())
+"""
+    r = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.split() == ["1", "0", "1"], (r.stdout, r.stderr[-2000:])
     target, seqs = data
-    inside = []
-    monkeypatch.setattr(train, "_release_freed_memory", lambda: inside.append(mapped() == 0))
+    real, active, inside = train._big_arrays_on_the_heap, [], []
+
+    @contextlib.contextmanager
+    def watched():
+        with real():
+            active.append(1)
+            yield
+            active.pop()
+
+    monkeypatch.setattr(train, "_big_arrays_on_the_heap", watched)
+    monkeypatch.setattr(train, "_release_freed_memory", lambda: inside.append(bool(active)))
     train_on_sequences(target, seqs, tmp_path / "run", heads=["eagle3"], draft_vocab_size=40, steps=20, batch_size=4,
                        val_size=2, log_every=10, **QUIET)
     assert inside == [True, True, False]  # every RELEASE_EVERY steps inside the loop; after it, outside
