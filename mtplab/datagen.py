@@ -341,8 +341,8 @@ def build_answer_corpus(target, out_dir, *, minutes: float | None = None, batch_
                         log=print) -> list:
     """The shipped drafter's recipe: stage-A prompts -> greedy answers, stage-B prompts (about those answers and
     about standard-library docs) -> greedy answers, stage-A prompts again sampled at T=0.7, stage-B prompts again
-    sampled at T=0.7 (added to reach 3 M answer tokens on a CPU; the shipped head saw the first three). Each stage writes
-    shards under ``out_dir`` and resumes; ``minutes`` bounds all generation together (stages stop cleanly at a
+    sampled at T=0.7 (added to reach 3 M answer tokens on a CPU; the shipped head saw the first three). Each stage
+    writes shards under ``out_dir`` and resumes; ``minutes`` bounds all generation together (stages stop cleanly at a
     batch boundary); ``precision``: the decoding arithmetic (:func:`generate_answers`). Returns every
     ``(ids, answer_start)`` sequence generated so far."""
     import json

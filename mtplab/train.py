@@ -886,7 +886,8 @@ def _big_arrays_on_the_heap():
     afresh and unmapped when freed: a training step's big arrays (the teacher's ``p``, features, activations of 16
     answers) faulted in and zeroed their pages every step, and the kernel took 17 % of an EAGLE-3 step (perf).
     Measured on an Intel(R) Xeon(R) Processor (2 cores), steps 10-30 of an EAGLE-3 run on the stored corpus, one
-    process each, interleaved: 3.95 and 3.97 s a step against 4.16, 4.50, 4.05 and 4.05 without. Afterwards glibc's
+    process each, interleaved, the same settings given by ``GLIBC_TUNABLES``: 3.95 and 3.97 s a step against 4.16,
+    4.50, 4.05 and 4.05 without. Afterwards glibc's
     defaults are set again (65,536 maps, a 128 KB trim threshold; the threshold no longer adapts). A no-op where the
     C library has no ``mallopt`` (not glibc)."""
     libc = _libc()
