@@ -888,9 +888,9 @@ def _big_arrays_on_the_heap():
     Measured on an Intel(R) Xeon(R) Processor (2 cores), steps 10-30 of an EAGLE-3 run on the stored corpus, one
     process each, interleaved, the same settings given by ``GLIBC_TUNABLES``: 3.95 and 3.97 s a step against 4.16,
     4.50, 4.05 and 4.05 without; with this code 3.44 against 4.81 s, the peak memory over 30 steps 7.53 against
-    6.82 GB, after each periodic trim 2.50 GB either way. Afterwards glibc's
-    defaults are set again (65,536 maps, a 128 KB trim threshold; the threshold no longer adapts). A no-op where the
-    C library has no ``mallopt`` (not glibc)."""
+    6.82 GB, after each periodic trim 2.50 GB either way. Afterwards glibc's defaults are set again (65,536 maps, a
+    128 KB trim threshold; the threshold no longer adapts). A no-op where the C library has no ``mallopt`` (not
+    glibc)."""
     libc = _libc()
     if libc is None or not hasattr(libc, "mallopt"):
         yield
