@@ -220,13 +220,12 @@ def _teacher(model, ids, mask, hidden=True):
     return got.hidden(o).float(), final.float(), top.view(final.shape[:-1])
 
 
-def _teacher_p(final, lm_head_t, answer=None):
+def _teacher_p(final, lm_head_t, answer):
     """The target's next-token distribution on the draft vocabulary (its softmax restricted and renormalised) from
     its final hidden states: ``softmax(final @ lm_head_t)`` (the columns of ``lm_head_t``: the draft vocabulary),
-    only at the positions whose next token is one to learn (``answer[:, 1:]``; ``answer=None``: every position):
-    ``(p [N, V], rows [B, L])``, ``rows`` naming each position's row of ``p`` (-1: not computed)."""
-    needed = torch.ones(final.shape[:2], dtype=torch.bool, device=final.device) if answer is None else \
-        torch.nn.functional.pad(answer[:, 1:], (0, 1))
+    only at the positions whose next token is one to learn (``answer[:, 1:]``): ``(p [N, V], rows [B, L])``,
+    ``rows`` naming each position's row of ``p`` (-1: not computed)."""
+    needed = torch.nn.functional.pad(answer[:, 1:], (0, 1))
     rows = torch.full(needed.shape, -1, dtype=torch.long, device=final.device)
     rows[needed] = torch.arange(int(needed.sum()), device=final.device)
     return torch.softmax((final[needed] @ lm_head_t).float(), dim=-1), rows
