@@ -342,6 +342,25 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkey
     assert drop(again.history) == drop(whole.history) and [h["step"] for h in again.history] == [4, 8, 12]
 
 
+def test_batches_are_drawn_in_groups_of_like_length():
+    """A group of batches: GROUP * batch_size training sequences drawn by the run's generator, cut after sorting by
+    length, so no two batches' length ranges overlap; the same generator state draws the same batches."""
+    import mtplab.train as train
+
+    lengths = [int(n) for n in torch.randint(10, 400, (300,), generator=torch.Generator().manual_seed(1))]
+    pool = list(range(0, 300, 2))  # the training indices (the others held out)
+    batches = train._length_grouped(pool, lengths, 4, torch.Generator().manual_seed(0))
+    assert len(batches) == train.GROUP and all(len(b) == 4 for b in batches)
+    assert all(i in pool for b in batches for i in b)
+    spans = sorted((min(lengths[i] for i in b), max(lengths[i] for i in b)) for b in batches)
+    assert all(hi <= lo for (_, hi), (lo, _) in zip(spans, spans[1:]))  # cut after sorting: ranges apart
+    assert spans[-1][1] - spans[0][0] > 100  # a real spread of lengths, so the check above means something
+    again = train._length_grouped(pool, lengths, 4, torch.Generator().manual_seed(0))
+    assert again == batches
+    order = [min(lengths[i] for i in b) for b in batches]
+    assert order != sorted(order) and order != sorted(order, reverse=True)  # used in random order
+
+
 def test_a_warm_restart_goes_on_counting_steps(tmp_path):
     target = tiny(vocab_size=64, seed=0)
     seqs = sampled_sequences(target, 20, 20)
