@@ -316,18 +316,19 @@ def decoded_pairs(target, seqs) -> list:
 def _stage_batch_size(out_dir: Path, batch_size: int, log) -> int:
     """The batch size a stage's shards are cut with: shard ``b`` holds batch ``b``, so a stage resumes with the size
     it began with (``out_dir/batches.json``; for shards written before that record, the first shard's count), not
-    a new ``batch_size``, which would skip some prompts and answer others twice."""
+    a new ``batch_size``, which would skip some prompts and answer others twice. A stage with no shard yet takes
+    the new ``batch_size`` (its record binds nothing: a stage begun at 512 on a GPU resumes at 128 on a CPU)."""
     import json
 
     record = out_dir / "batches.json"
-    if record.exists():
+    shards = any(out_dir.glob("shard_*.pt"))
+    if record.exists() and shards:
         size = json.loads(record.read_text())["batch_size"]
     elif (out_dir / "shard_00000.pt").exists():
         size = len(torch.load(out_dir / "shard_00000.pt", weights_only=True)["lengths"])
     else:
         size = batch_size
-    if not record.exists():
-        record.write_text(json.dumps(dict(batch_size=size)))
+    record.write_text(json.dumps(dict(batch_size=size)))
     if size != batch_size:
         log(f"{out_dir}: its shards hold batches of {size} prompts, so it resumes with {size} (not {batch_size})")
     return size

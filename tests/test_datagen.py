@@ -121,7 +121,9 @@ def test_a_stage_resumes_with_the_batch_size_it_began_with(bundled, tmp_path):
     prompts and answer others twice (a stage cut off after its first shard, resumed with --batch-size 3)."""
     prompts = ["Name a color.", "What is two plus two?", "Say hello in French.", "Name a fruit.", "Count to three."]
     kw = dict(max_new_tokens=2, progress=False)
+    (tmp_path / "batches.json").write_text('{"batch_size": 512}')  # begun, cut off before its first shard: binds nothing
     datagen.generate_answers(bundled, prompts, tmp_path, batch_size=2, **kw)
+    assert len(list(tmp_path.glob("shard_*.pt"))) == 3
     whole = sorted(map(tuple, (ids for ids, _ in datagen.load_sequences(tmp_path))))
     for name in ("shard_00001.pt", "shard_00002.pt", datagen.COMPLETE):
         (tmp_path / name).unlink()
