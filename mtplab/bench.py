@@ -379,6 +379,9 @@ def cost_report(target, drafters=("mtp", "prompt-lookup"), layers: int | None = 
     from .drafters import registry
 
     plan = kernels.plan_of(target.model)
+    fusable = plan is not None and fastpath.fused_unsupported(target.model) is None
+    if fusable:  # the C kernel's block widths, measured now like everything below
+        kernels.tune_widths(target.model, kernel_pass(target.model), refresh=True)
     passes = costs.pass_seconds(target, refresh=True, reps=reps)
     step = passes["plain"][1]
     lines = [f"machine: {kernels.cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
@@ -387,6 +390,8 @@ def cost_report(target, drafters=("mtp", "prompt-lookup"), layers: int | None = 
              "a model small enough to stay in the CPU cache)"]
     if plan:
         lines += ["  " + line for line in plan.describe().splitlines()]
+    if fusable:
+        lines.append(f"C kernel block widths (weight rows read together, by rows of x): {kernels.describe_widths()}")
     rows = list(passes["plain"])
     lean = fastpath.unsupported(target.model) is None
     if lean:  # transformers' forward as it ships, timed interleaved with mtplab's lean one (both with F.linear)

@@ -26,6 +26,11 @@ it) the model's planned ``nn.Linear`` modules are switched to the subclass :clas
 exit. Outside that block the model is exactly the user's: ``generate``, ``save_pretrained`` and pickling see plain
 ``nn.Linear`` modules and no extra attributes (plans and weight copies live in weak tables here).
 
+**Block widths** come first (:func:`tune_widths`): the C kernel reads 1, 2 or 4 weight rows together for each row of
+x, and which is fastest for a given row count differs between CPUs (4 for 1-4 rows on one Xeon; 1 on an AMD EPYC,
+where it streamed a layer's products ~20% faster); whole fused passes over 1..16 tokens are timed with each width
+and the fastest is set in the C library. The width never changes a result.
+
 **Whole passes** decide last (:func:`check_whole_passes`): passes over 1..16 tokens are timed interleaved with the
 plan, without it, and through :mod:`mtplab.fastpath`'s fused C layers (two C calls a layer instead of ~25 ops);
 each pass size runs whichever was fastest here (:meth:`Plan.used`).
@@ -66,7 +71,7 @@ COPY_BUDGET = 0.30  # extra weight copies may add at most this share of the mode
 SMALL_MODEL_BYTES = 16 << 20  # below this the weights sit in the CPU cache: nothing to gain, nothing is tuned
 MODES = ("auto", "off")
 # bump when the candidates or the timing method change: old measurements are then ignored
-FORMAT = 4  # (2: the lean forward, 3: the KV cache appending in place, 4: the fused C layers)
+FORMAT = 5  # (2: the lean forward, 3: the KV cache appending in place, 4: the fused C layers, 5: block widths)
 
 
 def mode() -> str:
@@ -179,11 +184,14 @@ def _load_stream() -> str | None:
                        ("mtplab_attn_in", [P, L, L, P, F32, P, P, P, L, L, L, P, P, P, P, P, L, L, I]),
                        ("mtplab_attn_out", [P, L, L, P, P, P, L, L, L, L, L, F32, P, P, P, F32, P, P, P, L, I])):
         getattr(handle, name).argtypes, getattr(handle, name).restype = args, None
+    handle.mtplab_set_block_width.argtypes, handle.mtplab_set_block_width.restype = [L, L], ctypes.c_int
+    handle.mtplab_block_width.argtypes, handle.mtplab_block_width.restype = [L], L
     if hasattr(handle, "mtplab_mtp_step"):  # only where the compiler knows _Float16 (GCC 12+, Clang)
         handle.mtplab_mtp_step.argtypes = [P, P, L, L, L, L, L, P, F32, P, P, P, P, P, P, P, I]
         handle.mtplab_mtp_step.restype = None
         handle.mtplab_few_rows_linear_f16.argtypes, handle.mtplab_few_rows_linear_f16.restype = [P, P, P, L, L, L, I], None
     _LIB, _STREAM = handle, handle.mtplab_few_rows_linear
+    _DEFAULT_WIDTHS.update({n: handle.mtplab_block_width(n) for n in range(1, MAX_ROWS + 1)})
     return None
 
 
@@ -734,6 +742,98 @@ def timed_choice(key: str, runs: dict, sweep: Callable[[], None] | None = None, 
         return best if seconds[best] < 0.98 * seconds[first] else first
 
 
+# --- the C kernel's block widths ----------------------------------------------------------------------------------
+WIDTHS = (1, 2, 4)  # weight rows the C kernel reads together, for each row of x (width x rows <= 16 accumulators)
+_DEFAULT_WIDTHS: dict = {}  # rows -> the width the C source starts with (read from it when it loads)
+
+
+def width_options(rows: int) -> list:
+    """The block widths the C kernel has for ``rows`` rows of x."""
+    return [w for w in WIDTHS if w * rows <= MAX_ROWS]
+
+
+def block_width(rows: int) -> int:
+    """How many weight rows the C kernel reads together for ``rows`` rows of x (this process, now)."""
+    if _load_stream() is not None:
+        raise RuntimeError(f"mtplab's C kernel is not available: {_STREAM_ERROR}")
+    return int(_LIB.mtplab_block_width(rows))
+
+
+def set_block_width(rows: int, width: int) -> None:
+    """Make the C kernel read ``width`` weight rows together for ``rows`` rows of x. Every output is summed in the
+    same order whatever the width, so this changes the speed, never a result."""
+    if isinstance(rows, bool) or not isinstance(rows, int) or not 1 <= rows <= MAX_ROWS:
+        raise ValueError(f"rows must be an integer in [1, {MAX_ROWS}], got {rows!r}")
+    if width not in width_options(rows):
+        raise ValueError(f"block width for {rows} rows must be one of {width_options(rows)}, got {width!r}")
+    if _load_stream() is not None:
+        raise RuntimeError(f"mtplab's C kernel is not available: {_STREAM_ERROR}")
+    _LIB.mtplab_set_block_width(rows, width)
+
+
+def choose_widths(seconds: dict) -> dict:
+    """``{rows: width}`` from measured ``{rows: {width: seconds}}``: the C source's width unless another is 2% faster."""
+    out = {}
+    for rows, by_width in seconds.items():
+        default = _DEFAULT_WIDTHS.get(rows, min(by_width))
+        best = min(by_width, key=by_width.get)
+        out[rows] = best if default not in by_width or by_width[best] < 0.98 * by_width[default] else default
+    return out
+
+
+def describe_widths() -> str:
+    """This process's block widths by row count, as runs: ``"1-4: 4, 5-8: 2, 9-16: 1"``."""
+    widths = [block_width(n) for n in range(1, MAX_ROWS + 1)]
+    runs, start = [], 0
+    for i in range(1, MAX_ROWS + 1):
+        if i == MAX_ROWS or widths[i] != widths[start]:
+            runs.append(f"{start + 1}" + (f"-{i}" if i > start + 1 else "") + f": {widths[start]}")
+            start = i
+    return ", ".join(runs)
+
+
+def tune_widths(model: nn.Module, run_pass: Callable[[int], None], refresh: bool = False, progress: bool = True,
+                reps: int = 5) -> dict:
+    """Time whole passes of ``model`` through the fused C layers over 1..16 tokens with each block width of the C
+    kernel (interleaved, median of ``reps``), once per machine and model (cached), and set the fastest
+    (:func:`choose_widths`). Returns ``{rows: width}``."""
+    from .fastpath import fused_forward
+    from tqdm.auto import tqdm
+
+    if _load_stream() is not None:
+        return {}
+    key = model_key(model)
+    data = load_measurements()
+    cached = data.setdefault("widths", {}).get(key)
+    if cached is None or refresh:
+        rows = [n for n in range(1, MAX_ROWS + 1) if len(width_options(n)) > 1]
+        times = {(n, w): [] for n in rows for w in width_options(n)}
+        bar = tqdm(total=reps * len(times), desc="Timing block widths", unit="pass", disable=not progress)
+        try:
+            with torch.inference_mode(), fused_forward(model):
+                run_pass(1)  # warm up
+                for _ in range(reps):
+                    for n in rows:
+                        for w in width_options(n):
+                            set_block_width(n, w)
+                            t0 = time.perf_counter()
+                            run_pass(n)
+                            times[n, w].append(time.perf_counter() - t0)
+                            bar.update()
+        finally:
+            bar.close()
+            for n in rows:
+                set_block_width(n, _DEFAULT_WIDTHS[n])
+        cached = {str(n): {str(w): statistics.median(times[n, w]) for w in width_options(n)} for n in rows}
+        data = load_measurements()
+        data.setdefault("widths", {})[key] = cached
+        save_measurements(data)
+    chosen = choose_widths({int(n): {int(w): s for w, s in by.items()} for n, by in cached.items()})
+    for n, w in chosen.items():
+        set_block_width(n, w)
+    return chosen
+
+
 def prepare(model: nn.Module, run_pass: Callable[[int], None], progress: bool = True) -> Plan | None:
     """Tune (once per machine and shape), apply a plan to ``model`` and check it on whole passes, unless
     ``MTPLAB_KERNELS=off`` or the model is so small that its weights stay in the CPU cache (then there is nothing
@@ -744,6 +844,10 @@ def prepare(model: nn.Module, run_pass: Callable[[int], None], progress: bool = 
         return None
     if model in _PLANS:
         return _PLANS[model]
+    from .fastpath import fused_unsupported
+
+    if fused_unsupported(model) is None:  # the C kernel's block widths first: the timings below run with them
+        tune_widths(model, run_pass, progress=progress)
     plan = apply(model, tune(model, run_pass, progress=progress))
     if plan is not None:
         check_whole_passes(model, run_pass, progress=progress)

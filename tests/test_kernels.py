@@ -233,3 +233,69 @@ def test_fused_layers_are_used_only_where_whole_passes_got_faster_still(kernel_c
         for n in (1, 2, 3, 4, 5):
             models.forward(model, list(range(1, 1 + n)), cache)
     assert calls == [1, 4] and swapped == [False, False]
+
+
+@pytest.fixture
+def default_widths():
+    """Put the C kernel's block widths back to the source's after a test that sets them."""
+    if kernels.unavailable("stream"):
+        pytest.fail(f"the stream kernel cannot run here: {kernels.unavailable('stream')}")
+    yield dict(kernels._DEFAULT_WIDTHS)
+    for n, w in kernels._DEFAULT_WIDTHS.items():
+        kernels.set_block_width(n, w)
+
+
+def test_block_width_never_changes_a_result(default_widths):
+    """Every width the C kernel has for a row count gives the same numbers bit for bit (each output is summed in the
+    same order), on awkward shapes: outputs not a multiple of 4, inputs not a multiple of 16."""
+    torch.manual_seed(1)
+    w = torch.randn(37, 45)
+    for n in range(1, kernels.MAX_ROWS + 1):
+        x = torch.randn(n, 45)
+        want = kernels.KERNELS["stream"].run(x, w, None, None)
+        assert torch.allclose(want, F.linear(x, w), atol=1e-5), n
+        for width in kernels.width_options(n):
+            kernels.set_block_width(n, width)
+            assert kernels.block_width(n) == width
+            assert torch.equal(kernels.KERNELS["stream"].run(x, w, None, None), want), (n, width)
+        kernels.set_block_width(n, default_widths[n])
+    assert kernels.width_options(1) == [1, 2, 4] and kernels.width_options(5) == [1, 2]
+    assert kernels.width_options(9) == [1]
+
+
+def test_a_bad_block_width_is_refused_with_the_allowed_ones(default_widths):
+    with pytest.raises(ValueError, match=r"must be one of \[1, 2\], got 4"):
+        kernels.set_block_width(5, 4)
+    with pytest.raises(ValueError, match=r"must be one of \[1, 2, 4\], got 3"):
+        kernels.set_block_width(2, 3)
+    with pytest.raises(ValueError, match=r"rows must be an integer in \[1, 16\], got 17"):
+        kernels.set_block_width(17, 1)
+    assert [kernels.block_width(n) for n in (2, 5, 17)] == [default_widths[2], default_widths[5], -1]
+
+
+def test_block_widths_are_measured_on_fused_passes_chosen_and_cached(kernel_cache, default_widths):
+    """tune_widths times whole fused passes with each width per row count and sets the fastest; a width other than
+    the source's must be 2% faster; the second call reads the cache (and sets the same widths) without timing."""
+    import time
+
+    from mtplab import fastpath
+
+    model = mtplab.tiny_random_target(vocab_size=64, seed=0, hidden_size=32, num_layers=2).model
+    fast = {n: (2 if n % 2 else 1) for n in range(1, 9)}  # the width each pass size runs fastest with, here
+    timed = []
+
+    def fake_pass(n):
+        assert model in fastpath._FUSED  # the passes timed are fused ones
+        timed.append(n)
+        time.sleep(0.002 if kernels.block_width(n) == fast.get(n, 1) else 0.008)
+
+    chosen = kernels.tune_widths(model, fake_pass, progress=False, reps=3)
+    assert chosen == fast
+    assert {n: kernels.block_width(n) for n in range(1, 17)} == {**{n: 1 for n in range(1, 17)}, **fast}
+    assert set(timed) == set(range(1, 9))  # 9..16 rows have one width only: nothing to time
+    for n, w in default_widths.items():
+        kernels.set_block_width(n, w)
+    assert kernels.tune_widths(model, lambda n: pytest.fail("timed again"), progress=False) == fast
+    assert kernels.block_width(1) == 2
+    # nearly as fast is not enough: the source's width stays unless another one is 2% faster
+    assert kernels.choose_widths({3: {4: 1.0, 2: 0.99, 1: 1.01}, 6: {2: 1.0, 1: 0.97}}) == {3: 4, 6: 1}

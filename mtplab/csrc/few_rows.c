@@ -1,10 +1,10 @@
 /* y = x W^T for a few rows of x, reading each weight once: mtplab's "stream" kernel (see mtplab/kernels.py), and
  * below it the fused decoder layer built on it (mtplab/fastpath.py).
  *
- * W is the nn.Linear weight as PyTorch stores it: [out, in], row-major. For a block of 4 weight rows and up to 4
- * rows of x, 16 vector accumulators run along `in`; the 4 weight rows are loaded from memory once and stay in L1
- * while the other rows of x use them (2 weight rows for 5-8 rows of x, 1 for 9-16). Weight rows one block ahead are
- * prefetched, so the memory system is busy while the block computes. Plain C with GCC/Clang vector extensions:
+ * W is the nn.Linear weight as PyTorch stores it: [out, in], row-major. For a block of A weight rows and RN rows of
+ * x, A * RN <= 16 vector accumulators run along `in`; the A weight rows are loaded from memory once and stay in L1
+ * while the other rows of x use them. A (1, 2 or 4) is set per row count by measurement on each machine
+ * (mtplab_set_block_width). Weight rows a few rows ahead are prefetched, so the memory system is busy while the block computes. Plain C with GCC/Clang vector extensions:
  * the compiler maps v16 to AVX-512, AVX2, NEON or scalar code for the machine it compiles on (-march=native).
  * Results differ from MKL's only by the order of float additions (about 1e-6 relative). Parallel over output
  * blocks with OpenMP (PyTorch's own runtime when the process already loaded it: the same soname, libgomp.so.1).
@@ -63,24 +63,39 @@ static void block##SUF##_##A##_##RN(const float *x, const WT *w, float *y, long 
 }
 #define BLOCK(A, RN) BLOCK_T(A, RN, float, load, )
 BLOCK(4, 1) BLOCK(4, 2) BLOCK(4, 3) BLOCK(4, 4)
-BLOCK(2, 5) BLOCK(2, 6) BLOCK(2, 7) BLOCK(2, 8)
+BLOCK(2, 1) BLOCK(2, 2) BLOCK(2, 3) BLOCK(2, 4) BLOCK(2, 5) BLOCK(2, 6) BLOCK(2, 7) BLOCK(2, 8)
 BLOCK(1, 1) BLOCK(1, 2) BLOCK(1, 3) BLOCK(1, 4) BLOCK(1, 5) BLOCK(1, 6) BLOCK(1, 7) BLOCK(1, 8)
 BLOCK(1, 9) BLOCK(1, 10) BLOCK(1, 11) BLOCK(1, 12) BLOCK(1, 13) BLOCK(1, 14) BLOCK(1, 15) BLOCK(1, 16)
 
 typedef void (*block_fn)(const float *, const float *, float *, long, long, long, long);
-static const block_fn BLOCKS[17] = {0, block_4_1, block_4_2, block_4_3, block_4_4, block_2_5, block_2_6, block_2_7,
-                                    block_2_8, block_1_9, block_1_10, block_1_11, block_1_12, block_1_13, block_1_14,
-                                    block_1_15, block_1_16};
-static const block_fn ONE_ROW_BLOCKS[17] = {0, block_1_1, block_1_2, block_1_3, block_1_4, block_1_5, block_1_6,
-                                            block_1_7, block_1_8, block_1_9, block_1_10, block_1_11, block_1_12,
-                                            block_1_13, block_1_14, block_1_15, block_1_16};
+/* BLOCKS[w][rn]: w = 0, 1, 2 for blocks of 1, 2, 4 weight rows (A * RN <= 16 accumulators) */
+static const block_fn BLOCKS[3][17] = {
+    {0, block_1_1, block_1_2, block_1_3, block_1_4, block_1_5, block_1_6, block_1_7, block_1_8, block_1_9,
+     block_1_10, block_1_11, block_1_12, block_1_13, block_1_14, block_1_15, block_1_16},
+    {0, block_2_1, block_2_2, block_2_3, block_2_4, block_2_5, block_2_6, block_2_7, block_2_8},
+    {0, block_4_1, block_4_2, block_4_3, block_4_4}};
+static const block_fn *ONE_ROW_BLOCKS = BLOCKS[0];
+
+/* Weight rows per block for each row count of x. Which is fastest differs between CPUs (4 for 1-4 rows was best on
+ * one Xeon; 1 streams faster on an AMD EPYC): mtplab.kernels measures them on each machine and sets them here. The
+ * width never changes a result: every output is summed in the same order (see BLOCK_T). */
+static int WIDTH[17] = {0, 4, 4, 4, 4, 2, 2, 2, 2, 1, 1, 1, 1, 1, 1, 1, 1};
+
+/* Set the block width for `rn` rows of x (1, 2 or 4 weight rows, width * rn <= 16); -1 if not allowed, else 0. */
+int mtplab_set_block_width(long rn, long width) {
+    if (rn < 1 || rn > 16 || !(width == 1 || width == 2 || width == 4) || width * rn > 16) return -1;
+    WIDTH[rn] = (int)width;
+    return 0;
+}
+
+long mtplab_block_width(long rn) { return rn < 1 || rn > 16 ? -1 : WIDTH[rn]; }
 
 /* x: [n, in], w: [out, in], y: [n, out], all contiguous float32. Up to 16 rows of x go through each block of weight
  * rows together, so each weight is read from memory once; more rows are taken 16 at a time. */
 void mtplab_few_rows_linear(const float *x, const float *w, float *y, long n, long in, long out, int threads) {
     for (long r0 = 0; r0 < n; r0 += 16) {
-        long rn = n - r0 < 16 ? n - r0 : 16, a = rn <= 4 ? 4 : rn <= 8 ? 2 : 1, full = out / a * a;
-        block_fn block = BLOCKS[rn];
+        long rn = n - r0 < 16 ? n - r0 : 16, a = WIDTH[rn], full = out / a * a;
+        block_fn block = BLOCKS[a == 4 ? 2 : a - 1][rn];
         #pragma omp parallel for num_threads(threads) schedule(static)
         for (long j0 = 0; j0 < full; j0 += a) block(x, w, y, in, out, j0, r0);
         for (long j = full; j < out; j++) ONE_ROW_BLOCKS[rn](x, w, y, in, out, j, r0);
@@ -130,8 +145,8 @@ void mtplab_few_rows_linear_f16(const float *x, const _Float16 *w, float *y, lon
  * product done by the kernel above, so a layer costs two calls instead of ~25 small PyTorch ops. Each row is
  * computed on its own, in the same order whatever the number of rows: a verify pass over n tokens gives each row
  * exactly what a one-token step would. Keys and values are written straight into mtplab's KV cache buffers
- * (models.GrowingLayer.extend makes the room). The block sizes and the prefetch distance were tuned on one Xeon;
- * whether these layers are used at all is measured on each machine (mtplab.kernels.check_whole_passes).
+ * (models.GrowingLayer.extend makes the room). The prefetch distance was tuned on one Xeon; the block widths, and
+ * whether these layers are used at all, are measured on each machine (mtplab.kernels).
  */
 #include <math.h>
 #include <stdlib.h>
