@@ -23,7 +23,7 @@ from . import kernels
 from .theory import estimate_alpha
 from .models import Target, kernel_pass
 
-def pass_seconds(target: Target, refresh: bool = False, progress: bool = True, reps: int = 3) -> dict:
+def pass_seconds(target: Target, refresh: bool = False, progress: bool = True, reps: int = 5) -> dict:
     """Seconds of a target pass over n = 1..16 tokens on this machine: ``{"plain": {n: s}}`` (F.linear) and, where
     the target has a kernel plan, ``"tuned"`` and (where it can take them) ``"fused"`` (the fused C layers):
     measured interleaved once, then cached; see :func:`mtplab.kernels.check_whole_passes`."""

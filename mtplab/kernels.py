@@ -71,7 +71,8 @@ COPY_BUDGET = 0.30  # extra weight copies may add at most this share of the mode
 SMALL_MODEL_BYTES = 16 << 20  # below this the weights sit in the CPU cache: nothing to gain, nothing is tuned
 MODES = ("auto", "off")
 # bump when the candidates or the timing method change: old measurements are then ignored
-FORMAT = 5  # (2: the lean forward, 3: the KV cache appending in place, 4: the fused C layers, 5: block widths)
+FORMAT = 6  # (2: the lean forward, 3: the KV cache appending in place, 4: the fused C layers, 5: block widths,
+#            6: each timed whole pass after an untimed one of its kind)
 
 
 def mode() -> str:
@@ -655,7 +656,10 @@ def measure_passes(model: nn.Module, run_pass: Callable[[int], None], rows=range
     """Median seconds of ``run_pass(n)`` for each n: ``{variant: {n: seconds}}``, ``"tuned"`` with the model's plan
     (for every row count), ``"fused"`` through mtplab's fused C layers (:mod:`mtplab.fastpath`), ``"plain"``
     neither; any other variant runs without the plan inside ``contexts[variant]()``. Interleaved: every repetition
-    runs every size and variant once, so a slow moment of the machine hits them all alike."""
+    runs every size and variant once, so a slow moment of the machine hits them all alike. Each timed pass follows an
+    untimed one of the same variant and size, as a decoding step follows a step: on an AMD EPYC a fused one-token
+    pass took 7% longer right after an F.linear pass than after a fused one, which made longer passes look cheaper
+    against it."""
     from .fastpath import fused_forward
     from tqdm.auto import tqdm
 
@@ -674,6 +678,7 @@ def measure_passes(model: nn.Module, run_pass: Callable[[int], None], rows=range
                     for v in variants:
                         with without_plan(model) if v not in ("tuned", "fused") else nullcontext(), \
                                 fused_forward(model) if v == "fused" else (contexts or {}).get(v, nullcontext)():
+                            run_pass(n)
                             t0 = time.perf_counter()
                             run_pass(n)
                             times[v, n].append(time.perf_counter() - t0)
@@ -686,7 +691,7 @@ def measure_passes(model: nn.Module, run_pass: Callable[[int], None], rows=range
 
 
 def check_whole_passes(model: nn.Module, run_pass: Callable[[int], None], refresh: bool = False,
-                       progress: bool = True, reps: int = 3) -> dict:
+                       progress: bool = True, reps: int = 5) -> dict:
     """Time whole passes over 1..16 tokens with and without ``model``'s plan, and through the fused C layers where
     the model can take them (once per machine and model, cached); keep the plan only for the row counts where the
     whole pass got faster (the per-call timings of :func:`tune` do not see everything: the swap's own overhead,

@@ -299,3 +299,30 @@ def test_block_widths_are_measured_on_fused_passes_chosen_and_cached(kernel_cach
     assert kernels.block_width(1) == 2
     # nearly as fast is not enough: the source's width stays unless another one is 2% faster
     assert kernels.choose_widths({3: {4: 1.0, 2: 0.99, 1: 1.01}, 6: {2: 1.0, 1: 0.97}}) == {3: 4, 6: 1}
+
+
+def test_each_timed_whole_pass_follows_an_untimed_one_of_its_kind(kernel_cache):
+    """measure_passes times a pass right after an untimed pass of the same variant and size, as a decoding step
+    follows a step (a pass that follows another kind of pass is slower on some CPUs). A fake pass that is slow
+    only when the pass before it was of another kind shows which one was timed."""
+    import time
+    from contextlib import contextmanager
+
+    model = mtplab.tiny_random_target(vocab_size=64, seed=0, hidden_size=32, num_layers=2).model
+    state = {"variant": None, "last": None}
+
+    def in_variant(name):
+        @contextmanager
+        def ctx():
+            state["variant"] = name
+            yield
+        return ctx
+
+    def fake_pass(n):
+        kind = (state["variant"], n)
+        time.sleep(0.001 if kind == state["last"] else 0.012)
+        state["last"] = kind
+
+    got = kernels.measure_passes(model, fake_pass, rows=[1, 3], reps=2, variants=("a", "b"), progress=False,
+                                 contexts={"a": in_variant("a"), "b": in_variant("b")})
+    assert all(s < 0.008 for d in got.values() for s in d.values()), got
