@@ -343,31 +343,38 @@ class SpeculativeDecoder:
             self._k = min(MAX_DRAFT_TOKENS, self._k + 2) if rnd.num_accepted == rnd.num_drafted else max(1, self._k - 1)
 
     def _record(self, rnd: Round, p, q, v) -> None:
-        """Fill the parts of a Round that only views need (texts, candidate lists); skipped with record=False."""
+        """Fill the parts of a Round that only views need (texts, candidate lists); skipped with record=False. The
+        top candidates of all the rows of p (and of q) come from one call each, and each is looked up once."""
         text = self.target.token_text
         tokens = rnd.draft_ids
+        k = len(tokens)
         rnd.draft_text = [text(t) for t in tokens]
-        rnd.p = [float(p[i, t]) for i, t in enumerate(tokens)]
-        rnd.q = [1.0 if q is None else float(q[i, t]) for i, t in enumerate(tokens)]
-        rnd.p_top = [_top(row, text) for row in p[: len(tokens) + 1]]
-        rnd.q_top = [] if q is None else [_top(row, text) for row in q]
-        rnd.candidates = [_pair_top(p[i], None if q is None else q[i], t, text) for i, t in enumerate(tokens)]
+        rnd.p_top = _tops(p[: k + 1], text)
+        rnd.q_top = [] if q is None else _tops(q[:k], text)
+        rows, drafted = torch.arange(k, device=p.device), torch.tensor(tokens, dtype=torch.long, device=p.device)
+        rnd.p = p[rows, drafted].tolist()
+        rnd.q = [1.0] * k if q is None else q[rows, drafted].tolist()
+        rnd.candidates = [_pair_top(p[i], None if q is None else q[i], t, rnd.p_top[i],
+                                    None if q is None else rnd.q_top[i], text) for i, t in enumerate(tokens)]
         if rnd.token_id is not None:
             rnd.token_text = text(rnd.token_id)
         if v.residual is not None:
-            rnd.residual_top = _top(v.residual, text)
+            rnd.residual_top = _tops(v.residual, text)
 
 
-def _pair_top(p_row, q_row, drafted: int, text) -> list:
-    """``[[id, text, p, q]]`` for the drafted token and the top candidates of p and q, most likely under p first."""
-    ids = {drafted, *top(p_row, TOP_CANDIDATES)[1].tolist()}
-    if q_row is not None:
-        ids |= set(top(q_row, TOP_CANDIDATES)[1].tolist())
-    q_of = (lambda i: float(i == drafted)) if q_row is None else (lambda i: float(q_row[i]))
-    rows = [[i, text(i), float(p_row[i]), q_of(i)] for i in ids]
-    return sorted(rows, key=lambda r: -r[2])
+def _pair_top(p_row, q_row, drafted: int, p_top: list, q_top: list | None, text) -> list:
+    """``[[id, text, p, q]]`` for the drafted token and the top candidates of p and q (``p_top``, ``q_top``: those
+    rows' :func:`_tops`), most likely under p first."""
+    ids = list(dict.fromkeys([drafted] + [c[0] for c in p_top] + [c[0] for c in q_top or []]))
+    index = torch.tensor(ids, dtype=torch.long, device=p_row.device)
+    ps = p_row[index].tolist()
+    qs = [float(i == drafted) for i in ids] if q_row is None else q_row[index].tolist()
+    return sorted(([i, text(i), pv, qv] for i, pv, qv in zip(ids, ps, qs)), key=lambda r: -r[2])
 
 
-def _top(row: torch.Tensor, text) -> list:
-    vals, idx = top(row, TOP_CANDIDATES)
-    return [[int(i), text(int(i)), float(x)] for x, i in zip(vals, idx)]
+def _tops(rows: torch.Tensor, text) -> list:
+    """``[[id, text, prob]]`` of the top candidates of one row, or a list of those for each of a few rows."""
+    vals, idx = top(rows, TOP_CANDIDATES)
+    if rows.dim() == 1:
+        return [[i, text(i), x] for x, i in zip(vals.tolist(), idx.tolist())]
+    return [[[i, text(i), x] for x, i in zip(vr, ir)] for vr, ir in zip(vals.tolist(), idx.tolist())]

@@ -167,7 +167,11 @@ class Target:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
     def token_text(self, token_id: int) -> str:
-        return self.decode([token_id])
+        """One token's text (remembered: the views ask for the same candidates round after round)."""
+        texts = self.__dict__.setdefault("_token_texts", {})
+        if token_id not in texts:
+            texts[token_id] = self.decode([token_id])
+        return texts[token_id]
 
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.model.parameters())

@@ -86,17 +86,19 @@ def argmax(row: torch.Tensor) -> int:
     return int(torch.argmax(row))
 
 
-def top(row: torch.Tensor, k: int) -> tuple:
-    """``torch.topk(row, k)`` for one long row, exact: the k largest values lie in the k blocks (of 128) with the
-    largest maxima, so only those are sorted (40 µs instead of 165 µs on a 49,152-token row)."""
+def top(rows: torch.Tensor, k: int) -> tuple:
+    """``torch.topk(rows, k)`` along the last axis of one long row or a few, exact: the k largest values of a row lie
+    in the k blocks (of 128) with the largest maxima, so only those are sorted (40 µs instead of 165 µs on a
+    49,152-token row; all the rows of a round in one call)."""
     block = 128
-    n = row.shape[-1]
-    if row.dim() != 1 or n % block or n < 8 * block * k:
-        return torch.topk(row, min(k, n))
-    blocks = row.reshape(-1, block)
-    chosen = blocks.amax(-1).topk(k).indices
-    vals, idx = blocks[chosen].reshape(-1).topk(k)
-    return vals, chosen[idx // block] * block + idx % block
+    n = rows.shape[-1]
+    if rows.dim() not in (1, 2) or n % block or n < 8 * block * k:
+        return torch.topk(rows, min(k, n))
+    blocks = rows.reshape(-1, n // block, block)  # [R, blocks, block]
+    chosen = blocks.amax(-1).topk(k).indices  # [R, k]
+    vals, idx = blocks.gather(1, chosen[..., None].expand(-1, -1, block)).reshape(len(blocks), -1).topk(k)
+    ids = chosen.gather(1, idx // block) * block + idx % block
+    return (vals[0], ids[0]) if rows.dim() == 1 else (vals, ids)
 
 
 def choose(logits: torch.Tensor, p: torch.Tensor, cfg: SamplingConfig, generator) -> int:

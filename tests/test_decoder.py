@@ -290,3 +290,42 @@ def test_no_rejected_token_after_an_accepted_eos():
     r = Round(index=0, context_len=3, drafter="d", num_draft_tokens=3, draft_ids=[5, 2, 7], draft_text=["a", "<eos>", "b"],
               num_accepted=2, token_id=None)
     assert [e[0] for e in r.token_events()] == ["accepted", "accepted"]
+
+
+def test_recorded_candidates_are_the_rows_top_candidates():
+    """What a Round records for the views, against torch.topk row by row: the top 5 of every row of p and q, the
+    drafted tokens' p and q, and per drafted token the union of it and both rows' top 5 with their p and q, most
+    likely under p first."""
+    from types import SimpleNamespace
+
+    from mtplab.decoder import Round
+
+    target = mtplab.tiny_random_target(vocab_size=49152, seed=0, hidden_size=16, num_layers=1)
+    dec = SpeculativeDecoder(target, None)
+    g = torch.Generator().manual_seed(3)
+    p = torch.softmax(3 * torch.randn(4, 49152, generator=g), -1)
+    q = torch.softmax(3 * torch.randn(3, 49152, generator=g), -1)
+    tokens = [int(torch.topk(q[0], 2).indices[1]), 77, int(torch.argmax(p[2]))]
+    residual = torch.softmax(torch.randn(49152, generator=g), -1)
+    for qq in (q, None):
+        rnd = Round(index=0, context_len=5, drafter="x", num_draft_tokens=3, draft_ids=tokens, num_accepted=1,
+                    token_id=9, token_kind="resampled")
+        dec._record(rnd, p, qq, SimpleNamespace(residual=residual))
+        text = target.token_text
+
+        def tops(row):
+            v, i = torch.topk(row, 5)
+            return [[int(a), text(int(a)), float(b)] for b, a in zip(v, i)]
+
+        assert rnd.p_top == [tops(row) for row in p] and rnd.residual_top == tops(residual)
+        assert rnd.q_top == ([] if qq is None else [tops(row) for row in q])
+        assert rnd.p == [float(p[i, t]) for i, t in enumerate(tokens)]
+        assert rnd.q == ([1.0] * 3 if qq is None else [float(q[i, t]) for i, t in enumerate(tokens)])
+        for i, t in enumerate(tokens):
+            ids = {t, *torch.topk(p[i], 5).indices.tolist()} | (set() if qq is None else set(torch.topk(q[i], 5).indices.tolist()))
+            want = sorted(([j, text(j), float(p[i, j]), float(j == t) if qq is None else float(q[i, j])] for j in ids),
+                          key=lambda r: -r[2])
+            assert rnd.candidates[i] == want
+        assert rnd.draft_text == [text(t) for t in tokens] and rnd.token_text == text(9)
+    # token texts are remembered per id, and each is the id's own
+    assert [target.token_text(t) for t in (5, 6, 5, 77)] == [target.decode([t]) for t in (5, 6, 5, 77)]

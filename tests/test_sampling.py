@@ -93,3 +93,8 @@ def test_fast_argmax_and_top_equal_torchs():
     vals, idx = top(row, 5)
     assert vals.tolist() == [3.0, 3.0, 3.0, 2.5, 2.0] and sorted(idx[:3].tolist()) == [70, 40000, 49151]
     assert idx[3:].tolist() == [30000, 12000]
+    for n in (49152, 8192, 7):  # a few rows at once: each row as torch.topk gives it
+        rows = torch.randn(4, n, generator=g)
+        vals, idx = top(rows, 5)
+        want = torch.topk(rows, min(5, n))
+        assert torch.equal(vals, want.values) and torch.equal(idx, want.indices)
