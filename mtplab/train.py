@@ -647,11 +647,12 @@ def train_on_sequences(target, sequences, out_dir, *, heads=((2, None),), draft_
     (safetensors + JSON; :func:`mtplab.load_drafter` reads it).
 
     A re-run in ``out_dir`` resumes the run where its checkpoint left it, with the same batches and schedule, so it
-    ends where the run would have ended uninterrupted (unless ``time_budget`` refits the schedule); a checkpoint of other data, another target, other heads or another
-    ``draft_vocab_size`` / ``unroll`` / ``seed`` / ``val_size`` is refused with a ``ValueError``. ``batch_size``,
-    ``lr``, ``steps`` and ``time_budget`` may change on resume (a new ``steps`` runs to that many steps; batches
-    drawn before it keep their size). Batches are drawn :data:`GROUP` at a time, of like length
-    (:func:`_length_grouped`).
+    ends where the run would have ended uninterrupted (unless ``time_budget`` refits the schedule); a checkpoint of
+    other data, another target, other heads or another ``draft_vocab_size`` / ``unroll`` / ``seed`` / ``val_size``
+    is refused with a ``ValueError``. ``batch_size``, ``lr``, ``steps`` and ``time_budget`` may change on resume: a
+    new ``steps`` makes the run end at that many steps in all; a new ``batch_size`` applies to the batches drawn
+    after the resume (the up to :data:`GROUP` - 1 already drawn into the checkpoint keep the old size). Batches are
+    drawn :data:`GROUP` at a time, of like length (:func:`_length_grouped`).
     ``time_budget`` (seconds): shorten the run to fit, measured over its first 20 steps (the schedule adapts).
     ``init_from``: another run's folder: a new run in ``out_dir`` starts from its checkpoint (the heads' weights and
     optimizer, its draft vocabulary and history) with a fresh schedule of ``steps``, on these ``sequences``: to go on
