@@ -28,8 +28,9 @@ exit. Outside that block the model is exactly the user's: ``generate``, ``save_p
 
 **Block widths** come first (:func:`tune_widths`): the C kernel reads 1, 2 or 4 weight rows together for each row of
 x, and which is fastest for a given row count differs between CPUs (4 for 1-4 rows on one Xeon; 1 on an AMD EPYC,
-where it streamed a layer's products ~20% faster); whole fused passes over 1..16 tokens are timed with each width
-and the fastest is set in the C library. The width never changes a result.
+where it made whole passes over 1-5 tokens 1.11-1.36x faster); whole fused passes over 1..16 tokens are timed with
+each width and the fastest is set in the C library (one set per process: the last model prepared sets them). The
+width never changes a result.
 
 **Whole passes** decide last (:func:`check_whole_passes`): passes over 1..16 tokens are timed interleaved with the
 plan, without it, and through :mod:`mtplab.fastpath`'s fused C layers (two C calls a layer instead of ~25 ops);

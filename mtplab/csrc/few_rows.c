@@ -4,8 +4,9 @@
  * W is the nn.Linear weight as PyTorch stores it: [out, in], row-major. For a block of A weight rows and RN rows of
  * x, A * RN <= 16 vector accumulators run along `in`; the A weight rows are loaded from memory once and stay in L1
  * while the other rows of x use them. A (1, 2 or 4) is set per row count by measurement on each machine
- * (mtplab_set_block_width). Weight rows a few rows ahead are prefetched, so the memory system is busy while the block computes. Plain C with GCC/Clang vector extensions:
- * the compiler maps v16 to AVX-512, AVX2, NEON or scalar code for the machine it compiles on (-march=native).
+ * (mtplab_set_block_width). Weight rows a few rows ahead are prefetched, so the memory system is busy while the
+ * block computes. Plain C with GCC/Clang vector extensions: the compiler maps v16 to AVX-512, AVX2, NEON or scalar
+ * code for the machine it compiles on (-march=native).
  * Results differ from MKL's only by the order of float additions (about 1e-6 relative). Parallel over output
  * blocks with OpenMP (PyTorch's own runtime when the process already loaded it: the same soname, libgomp.so.1).
  */
