@@ -799,12 +799,13 @@ def describe_widths() -> str:
 
 
 def tune_widths(model: nn.Module, run_pass: Callable[[int], None], refresh: bool = False, progress: bool = True,
-                reps: int = 5) -> dict:
+                reps: int = 9) -> dict:
     """Time whole passes of ``model`` through the fused C layers over 1..16 tokens with each block width of the C
-    kernel (interleaved, median of ``reps``), once per machine and model (cached), and set the fastest
-    (:func:`choose_widths`). Returns ``{rows: width}``."""
+    kernel (:func:`measure_passes`: interleaved, median of ``reps``), once per machine and model (cached), and set
+    the fastest (:func:`choose_widths`). Returns ``{rows: width}``. (With 5 repetitions two runs on a noisy AMD EPYC
+    VM disagreed about the width for one row, where 1 is 6-12% faster than 4; about 5-8 rows, where the widths are
+    within a few percent, they still may.)"""
     from .fastpath import fused_forward
-    from tqdm.auto import tqdm
 
     if _load_stream() is not None:
         return {}
@@ -813,24 +814,25 @@ def tune_widths(model: nn.Module, run_pass: Callable[[int], None], refresh: bool
     cached = data.setdefault("widths", {}).get(key)
     if cached is None or refresh:
         rows = [n for n in range(1, MAX_ROWS + 1) if len(width_options(n)) > 1]
-        times = {(n, w): [] for n in rows for w in width_options(n)}
-        bar = tqdm(total=reps * len(times), desc="Timing block widths", unit="pass", disable=not progress)
+
+        def with_width(width):
+            @contextmanager
+            def ctx():  # this width wherever the C kernel has it (the passes of other sizes are not read)
+                for n in rows:
+                    if width in width_options(n):
+                        set_block_width(n, width)
+                with fused_forward(model):
+                    yield
+            return ctx
+
         try:
-            with torch.inference_mode(), fused_forward(model):
-                run_pass(1)  # warm up
-                for _ in range(reps):
-                    for n in rows:
-                        for w in width_options(n):
-                            set_block_width(n, w)
-                            t0 = time.perf_counter()
-                            run_pass(n)
-                            times[n, w].append(time.perf_counter() - t0)
-                            bar.update()
+            seconds = measure_passes(model, run_pass, rows=rows, reps=reps, progress=progress,
+                                     variants=tuple(f"width {w}" for w in WIDTHS),
+                                     contexts={f"width {w}": with_width(w) for w in WIDTHS})
         finally:
-            bar.close()
             for n in rows:
                 set_block_width(n, _DEFAULT_WIDTHS[n])
-        cached = {str(n): {str(w): statistics.median(times[n, w]) for w in width_options(n)} for n in rows}
+        cached = {str(n): {str(w): seconds[f"width {w}"][n] for w in width_options(n)} for n in rows}
         data = load_measurements()
         data.setdefault("widths", {})[key] = cached
         save_measurements(data)
