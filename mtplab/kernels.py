@@ -438,6 +438,16 @@ def use(model: nn.Module, rows: int | None = None):
                     m.__dict__.pop("_mtplab_choice", None)
 
 
+def by_rows(values: list) -> str:
+    """Per-row-count values (``values[rows - 1]``) as runs of equal ones: ``"1-4: stream, 5: linear"``."""
+    runs, start = [], 0
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] != values[start]:
+            runs.append(f"{start + 1}" + (f"-{i}" if i > start + 1 else "") + f": {values[start]}")
+            start = i
+    return ", ".join(runs)
+
+
 # --- measuring and planning -----------------------------------------------------------------------------------------
 @dataclass
 class Plan:
@@ -464,12 +474,7 @@ class Plan:
     def describe(self) -> str:
         lines = []
         for shape, names in sorted(self.choices.items()):
-            runs, start = [], 0
-            for i in range(1, len(names) + 1):
-                if i == len(names) or names[i] != names[start]:
-                    runs.append(f"{start + 1}" + (f"-{i}" if i > start + 1 else "") + f": {names[start]}")
-                    start = i
-            lines.append(f"{shape:>16}  " + ", ".join(runs))
+            lines.append(f"{shape:>16}  " + by_rows(names))
         lines.append(f"extra weight copies: {self.extra_bytes / 2**20:.0f} MiB "
                      f"({self.extra_bytes / max(1, self.model_bytes):.0%} of the model, budget {COPY_BUDGET:.0%})")
         return "\n".join(lines)
@@ -789,13 +794,7 @@ def choose_widths(seconds: dict) -> dict:
 
 def describe_widths() -> str:
     """This process's block widths by row count, as runs: ``"1-4: 4, 5-8: 2, 9-16: 1"``."""
-    widths = [block_width(n) for n in range(1, MAX_ROWS + 1)]
-    runs, start = [], 0
-    for i in range(1, MAX_ROWS + 1):
-        if i == MAX_ROWS or widths[i] != widths[start]:
-            runs.append(f"{start + 1}" + (f"-{i}" if i > start + 1 else "") + f": {widths[start]}")
-            start = i
-    return ", ".join(runs)
+    return by_rows([block_width(n) for n in range(1, MAX_ROWS + 1)])
 
 
 def tune_widths(model: nn.Module, run_pass: Callable[[int], None], refresh: bool = False, progress: bool = True,

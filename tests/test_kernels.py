@@ -271,6 +271,7 @@ def test_a_bad_block_width_is_refused_with_the_allowed_ones(default_widths):
     with pytest.raises(ValueError, match=r"rows must be an integer in \[1, 16\], got 17"):
         kernels.set_block_width(17, 1)
     assert [kernels.block_width(n) for n in (2, 5, 17)] == [default_widths[2], default_widths[5], -1]
+    assert kernels.by_rows([4, 4, 1, 2, 2]) == "1-2: 4, 3: 1, 4-5: 2"  # how bench --costs prints them
 
 
 def test_block_widths_are_measured_on_fused_passes_chosen_and_cached(kernel_cache, default_widths):
