@@ -72,9 +72,11 @@ def test_training_lowers_the_loss_and_raises_acceptance(trained):
     assert len(drafter.vocab_ids) == 48
 
 
+@pytest.mark.parametrize("ngram", [None, 1, 3])
 @pytest.mark.parametrize("gamma", [1, 3, 7])
-def test_greedy_eagle_equals_plain_and_generate(trained, gamma):
-    target, seqs, _, drafter = trained
+def test_greedy_eagle_equals_plain_and_generate(trained, gamma, ngram):
+    target, seqs, _, trained_drafter = trained
+    drafter = Eagle3Drafter(trained_drafter.head, trained_drafter.vocab_ids, context_ngram=ngram)
     for prompt in (PROMPT, seqs[0][0][:12]):
         want = SpeculativeDecoder(target, None).generate(prompt, 40).token_ids
         with torch.inference_mode():
@@ -82,7 +84,8 @@ def test_greedy_eagle_equals_plain_and_generate(trained, gamma):
         trace = SpeculativeDecoder(target, drafter, num_draft_tokens=gamma, schedule="constant").generate(prompt, 40)
         assert trace.token_ids == want == hf.tolist()
         assert all(r.draft_start_position == r.context_len - 2 for r in trace.rounds if r.num_drafted)
-        assert set(t for r in trace.rounds for t in r.draft_ids) <= set(drafter.vocab_ids.tolist())
+        if ngram is None:  # (a copied token may lie outside the draft vocabulary)
+            assert set(t for r in trace.rounds for t in r.draft_ids) <= set(drafter.vocab_ids.tolist())
     assert trace.metrics.accepted > 0  # the comparison means something: drafts were accepted
 
 
@@ -130,11 +133,22 @@ def test_the_cache_rolled_back_equals_a_fresh_prefill(trained):
     assert drafter.cache_len == len(ids) - 1
 
 
+@pytest.mark.parametrize("ngram", [None, 2])
 @pytest.mark.parametrize("cfg", CONFIGS, ids=str)
-def test_exact_distribution_eagle(cfg):
+def test_exact_distribution_eagle(cfg, ngram):
+    """Exact sampling by enumeration over two drafted tokens, with the head alone and with the context copy: CTX =
+    [1, 2, 3, 1, 2] ends in the 2-gram [1, 2] seen before, so position 1 copies 3 (q one-hot); position 2 copies
+    only after x1 = 3 (the 2-gram [2, 3]) and otherwise samples from the head."""
+    from mtplab.drafters.prompt_lookup import lookup
+
     target = tiny(vocab_size=V)
     drafter = random_eagle(target, vocab_ids=[0, 1, 2, 3, 5])  # a restricted draft vocabulary: q = 0 elsewhere
+    drafter.context_ngram = ngram
     drafter.bind(target)
+
+    def copied(ids, q):
+        c = lookup(ids, 1, 3, ngram) if ngram else []
+        return sampling.one_hot(c[0], q) if c else q
 
     def seeded(ctx):  # the drafter as the decoder leaves it before drafting at ctx
         drafter.reset(ctx)
@@ -143,7 +157,8 @@ def test_exact_distribution_eagle(cfg):
     def q_first(ctx):
         seeded(ctx)
         with torch.inference_mode():
-            return drafter.propose(ctx, 1, cfg, torch.Generator()).q[0].double()
+            drafter.propose(ctx, 1, cfg, torch.Generator())  # reads ctx: drafter._g is the first step's state
+            return copied(ctx, sampling.probs(drafter.logits(drafter._g)[0], cfg).double())
 
     def q_next(ctx, x1):
         seeded(ctx)
@@ -151,7 +166,7 @@ def test_exact_distribution_eagle(cfg):
             drafter.propose(ctx, 1, cfg, torch.Generator())
             g, _ = drafter.head.step(drafter.embed(torch.tensor([x1])), drafter._g, torch.tensor([len(ctx) - 1]),
                                      drafter._cache)
-            return sampling.probs(drafter.logits(g)[0], cfg).double()
+            return copied(ctx + [x1], sampling.probs(drafter.logits(g)[0], cfg).double())
 
     for seed in range(4):  # the drafter's own q rows are the ones the enumeration assumes
         seeded(CTX)
@@ -160,6 +175,7 @@ def test_exact_distribution_eagle(cfg):
         assert torch.allclose(d.q[0].double(), q_first(CTX), atol=1e-6)
         assert torch.allclose(d.q[1].double(), q_next(CTX, d.tokens[0]), atol=1e-6)
         assert q_first(CTX)[4] == 0  # outside the draft vocabulary
+        assert (d.tokens[0] == 3) if ngram else (q_first(CTX).max() < 1)  # copied, deterministically; or sampled
     assert torch.allclose(first_token_dist(target, q_first, CTX, cfg), dist(target, CTX, cfg), atol=1e-9)
     assert torch.allclose(two_token_dist(target, q_first, CTX, cfg, q_next), target_joint(target, CTX, cfg), atol=1e-9)
 
@@ -191,8 +207,21 @@ def test_save_and_load_give_identical_drafts(trained, tmp_path):
     full = MTPDrafter.load(drafter.save(tmp_path / "fp32"))  # full precision: the very same drafts, sampled too
     a, b = run(drafter, temperature=0.8).generate(PROMPT, 30, seed=2), run(full, temperature=0.8).generate(PROMPT, 30, seed=2)
     assert [r.draft_ids for r in a.rounds] == [r.draft_ids for r in b.rounds] and a.token_ids == b.token_ids
-    with pytest.raises(ValueError, match="EAGLE-3 drafter, which drafts a chain .* context_ngram and tree do not apply"):
-        mtplab.load_drafter(out / "head0", target, context_ngram=2)
+    assert back.context_ngram is None  # the trainer saves the head alone
+    copying = mtplab.load_drafter(out / "head0", target, context_ngram=2)  # the context copy, as `mtp` has it
+    assert copying.context_ngram == 2 and copying.head is not back.head and copying.meta["steps"] == 90
+    again = MTPDrafter.load(copying.save(tmp_path / "copying"))  # the setting is saved with the weights
+    assert isinstance(again, Eagle3Drafter) and again.context_ngram == 2
+    ids = [5, 6, 7, 8, 5, 6]  # ends in the 2-gram [5, 6] seen before: the first draft token copies 7
+    again.bind(target)
+    again.observe(features(target, again, ids[:-1]), None)
+    with torch.inference_mode():
+        d = again.propose(ids, 2, SamplingConfig(), torch.Generator())
+    assert d.tokens[0] == 7 and d.q[0][7] == 1 and d.q[0].sum() == 1
+    with pytest.raises(ValueError, match="EAGLE-3 drafter, which drafts a chain: tree does not apply"):
+        mtplab.load_drafter(out / "head0", target, tree=dict(tree_width=2))
+    with pytest.raises(ValueError, match=r"context_ngram must be None or an integer in \[1, 3\], got 4"):
+        mtplab.load_drafter(out / "head0", target, context_ngram=4)
 
 
 def test_bad_targets_and_states_are_refused(trained):

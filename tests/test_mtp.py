@@ -141,6 +141,26 @@ def test_exact_distribution_mtp_with_context_copy(cfg):
     assert torch.allclose(two_token_dist(target, q_first, CTX, cfg, q_next), target_joint(target, CTX, cfg), atol=1e-9)
 
 
+def test_the_context_copy_needs_the_last_n_tokens():
+    """copy_or_choose (shared by the MTP and EAGLE-3 drafters): copy only where the last n..3 tokens occurred
+    before, the longest match first and its latest occurrence; else the head's own choice and q, untouched."""
+    from mtplab.drafters.prompt_lookup import copy_or_choose
+
+    logits = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 5.0])
+    q, greedy = torch.softmax(logits, -1), SamplingConfig()
+    seq = [1, 2, 3, 9, 2]  # the last token (2) occurred before, followed by 3; the last 2-gram [9, 2] did not
+    for ngram, want in ((None, 10), (3, 10), (2, 10), (1, 3)):
+        token, got = copy_or_choose(seq, logits, q, ngram, greedy, torch.Generator())
+        assert token == want, ngram
+        assert got is q if want == 10 else torch.equal(got, sampling.one_hot(3, q))
+    seq = [4, 5, 6, 4, 5, 7, 9, 5]  # [4, 5] was followed by 6 and 7; the last token 5 latest by 7
+    assert copy_or_choose(seq, logits, q, 1, greedy, torch.Generator())[0] == 7
+    seq = [4, 5, 6, 8, 9, 4, 5, 7, 8, 9]  # 3-gram [7, 8, 9]: no; 2-gram [8, 9] was followed by 4
+    assert copy_or_choose(seq, logits, q, 2, greedy, torch.Generator())[0] == 4
+    seq = [1, 2, 3, 4, 2, 3, 5, 1, 2, 3]  # the 3-gram [1, 2, 3] (then 4) wins over the later 2-gram [2, 3] (then 5)
+    assert copy_or_choose(seq, logits, q, 1, greedy, torch.Generator())[0] == 4
+
+
 def test_context_ngram_is_checked():
     head = MTPHead(32, 1)
     for bad in (0, 4, 2.0, True):
@@ -200,6 +220,12 @@ def test_trained_heads_are_saved_and_load_back(trained_seq, tmp_path):
     a = SpeculativeDecoder(target, drafters[1], num_draft_tokens=4, schedule="constant", temperature=0.8).generate(PROMPT, 30, seed=2)
     b = SpeculativeDecoder(target, full, num_draft_tokens=4, schedule="constant", temperature=0.8).generate(PROMPT, 30, seed=2)
     assert [r.draft_ids for r in a.rounds] == [r.draft_ids for r in b.rounds] and a.token_ids == b.token_ids
+    assert back.context_ngram is full.context_ngram is None  # the trainer saves the head alone
+    drafters[1].context_ngram = 2
+    try:  # a drafter's context copy is saved with it (and loaded back)
+        assert MTPDrafter.load(drafters[1].save(tmp_path / "copying")).context_ngram == 2
+    finally:
+        drafters[1].context_ngram = None
 
 
 def test_a_finished_run_resumes_to_more_steps(trained_seq):

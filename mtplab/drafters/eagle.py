@@ -35,8 +35,9 @@ from torch import nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from ..sampling import choose, probs
+from ..sampling import probs
 from .base import Draft, Drafter
+from .prompt_lookup import check_context_ngram, copy_or_choose
 
 KIND = "eagle3"
 
@@ -208,11 +209,15 @@ class Eagle3Drafter(Drafter):
     """Drafts k tokens with an :class:`Eagle3Head`, reading the target's hidden states at ``head.target_layers``
     for every position (the decoder hands them over via ``observe``) and keeping its own KV cache.
 
-    ``vocab_ids``: the token ids the draft head may propose (``None``: the whole vocabulary)."""
+    ``vocab_ids``: the token ids the draft head may propose (``None``: the whole vocabulary).
+    ``context_ngram``: copy a token from the context when the last n tokens occurred there before, as the shipped
+    ``mtp`` drafter does (``None``: the head alone)."""
 
     uses_target_hidden = True
 
-    def __init__(self, head: Eagle3Head, vocab_ids: torch.Tensor | None = None, name: str = KIND):
+    def __init__(self, head: Eagle3Head, vocab_ids: torch.Tensor | None = None, name: str = KIND,
+                 context_ngram: int | None = None):
+        self.context_ngram = check_context_ngram(context_ngram)
         self.head = head.eval()
         self.vocab_ids = None if vocab_ids is None else torch.as_tensor(vocab_ids, dtype=torch.long)
         self.name = name
@@ -316,7 +321,7 @@ class Eagle3Drafter(Drafter):
 
     def _propose(self, ids, m, k, cfg, generator) -> Draft:
         device = self._lm_head_t.device
-        tokens, qs = [], []
+        seq, qs = list(ids), []  # seq: ids + the draft
         if m > self._read:  # read the positions accepted since the last round
             new = torch.stack(self._features[self._read:m])
             g, self._cache = self.head.step(self.embed(torch.tensor(ids[self._read + 1:m + 1], device=device)),
@@ -325,19 +330,20 @@ class Eagle3Drafter(Drafter):
         g = self._g
         for i in range(k):
             logits = self.logits(g)[0]
-            q = probs(logits, cfg)
-            tokens.append(choose(logits, q, cfg, generator))
+            token, q = copy_or_choose(seq, logits, probs(logits, cfg), self.context_ngram, cfg, generator)
+            seq.append(token)
             qs.append(q)
             if i + 1 < k:  # the next step reads this draft at position m + i, with its own state fed back
-                g, self._cache = self.head.step(self.embed(torch.tensor(tokens[-1:], device=device)), g,
+                g, self._cache = self.head.step(self.embed(torch.tensor([token], device=device)), g,
                                                 torch.tensor([m + i], device=device), self._cache)
-        return Draft(tokens, torch.stack(qs) if qs else None, start_position=m - 1)
+        return Draft(seq[len(ids):], torch.stack(qs) if qs else None, start_position=m - 1)
 
     # --- saving and loading: the same folder layout as the MTP head (mtp_config.json + mtp_head.safetensors) ----
     def save(self, path, dtype: torch.dtype | None = None, **meta) -> Path:
         from .mtp import save_folder
 
-        return save_folder(path, self.head, self.vocab_ids, self.name, dtype, **meta)
+        return save_folder(path, self.head, self.vocab_ids, self.name, dtype, **{"context_ngram": self.context_ngram,
+                                                                                **meta})
 
     @classmethod
     def from_folder(cls, path, config: dict, tensors: dict) -> "Eagle3Drafter":
@@ -347,6 +353,6 @@ class Eagle3Drafter(Drafter):
             head.load_state_dict(tensors)
         except RuntimeError as e:
             raise ValueError(f"the weights in {path} do not fit the EAGLE-3 head its config describes: {e}") from None
-        drafter = cls(head, vocab_ids, name=config.get("name", KIND))
+        drafter = cls(head, vocab_ids, name=config.get("name", KIND), context_ngram=config.get("context_ngram"))
         drafter.meta = config
         return drafter

@@ -41,9 +41,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..sampling import choose, one_hot, probs
+from ..sampling import probs
 from .base import Draft, Drafter
-from .prompt_lookup import lookup
+from .prompt_lookup import check_context_ngram, copy_or_choose, lookup
 
 CONFIG_NAME = "mtp_config.json"
 WEIGHTS_NAME = "mtp_head.safetensors"
@@ -273,10 +273,7 @@ class MTPDrafter(Drafter):
             raise ValueError(f"tree_branch_len must be an integer >= 1, got {tree_branch_len!r}")
         self.tree_width, self.tree_copy = tree_width, bool(tree_copy)
         self.tree_branch_len = tree_branch_len
-        if context_ngram is not None and (isinstance(context_ngram, bool) or not isinstance(context_ngram, int)
-                                          or not 1 <= context_ngram <= 3):
-            raise ValueError(f"context_ngram must be None or an integer in [1, 3], got {context_ngram!r}")
-        self.context_ngram = context_ngram
+        self.context_ngram = check_context_ngram(context_ngram)
         self.head = head.eval()
         self.vocab_ids = None if vocab_ids is None else torch.as_tensor(vocab_ids, dtype=torch.long)
         self.name = name
@@ -385,12 +382,7 @@ class MTPDrafter(Drafter):
         for i in range(k):
             states, logits = self.advance(states, [seq[-1] for seq in seqs], context)  # all live drafts at once
             for b, seq in enumerate(seqs):
-                q = probs(logits[b], cfg)
-                copied = lookup(seq, 1, 3, self.context_ngram) if self.context_ngram else []
-                if copied:  # the context continues this n-gram: propose that token (deterministic, q one-hot)
-                    token, q = copied[0], one_hot(copied[0], q)
-                else:
-                    token = choose(logits[b], q, cfg, generator)
+                token, q = copy_or_choose(seq, logits[b], probs(logits[b], cfg), self.context_ngram, cfg, generator)
                 seq.append(token)
                 if b == 0:
                     qs.append(q)
@@ -414,7 +406,8 @@ class MTPDrafter(Drafter):
     def save(self, path, dtype: torch.dtype | None = None, **meta) -> Path:
         """Write ``mtp_head.safetensors`` + ``mtp_config.json`` into the folder ``path`` (weights in ``dtype`` if
         given, e.g. ``torch.float16`` to halve the file; loading casts them to the target's dtype)."""
-        return save_folder(path, self.head, self.vocab_ids, self.name, dtype, **meta)
+        return save_folder(path, self.head, self.vocab_ids, self.name, dtype, **{"context_ngram": self.context_ngram,
+                                                                                **meta})
 
     @classmethod
     def load(cls, path) -> "MTPDrafter":
@@ -471,7 +464,8 @@ def load_drafter(name_or_path="mtp", target=None, context_ngram="saved", tree: d
     other value is a folder written by :meth:`MTPDrafter.save` / :func:`mtplab.train.train_on_sequences`.
 
     ``context_ngram``: ``"saved"`` keeps the saved setting (the shipped drafter copies a token from the context when
-    the last 3 tokens occurred there before); ``None`` drafts with the head alone; 1-3 sets the n-gram size.
+    the last 3 tokens occurred there before; a trained one saved by the trainer drafts with its head alone);
+    ``None`` drafts with the head alone; 1-3 sets the n-gram size (an EAGLE-3 drafter's folder too).
     ``tree``: ``dict(tree_width=..., tree_branch_len=..., tree_copy=...)`` for tree drafting (see :class:`MTPDrafter`).
     """
     if name_or_path in ("mtp", "mtp-tree"):
@@ -481,10 +475,14 @@ def load_drafter(name_or_path="mtp", target=None, context_ngram="saved", tree: d
     else:
         path = Path(name_or_path)
     drafter = MTPDrafter.load(path)
-    if not isinstance(drafter, MTPDrafter):  # an EAGLE-3 head: it drafts a chain, with no n-gram copy
-        if context_ngram not in ("saved", None) or tree:
-            raise ValueError(f"{path} holds an EAGLE-3 drafter, which drafts a chain without an n-gram copy: "
-                             f"context_ngram and tree do not apply (got {context_ngram!r}, {tree!r})")
+    if not isinstance(drafter, MTPDrafter):  # an EAGLE-3 head: it drafts a chain (the n-gram copy applies)
+        if tree:
+            raise ValueError(f"{path} holds an EAGLE-3 drafter, which drafts a chain: tree does not apply "
+                             f"(got {tree!r})")
+        if context_ngram != "saved":
+            meta = drafter.meta
+            drafter = type(drafter)(drafter.head, drafter.vocab_ids, drafter.name, check_context_ngram(context_ngram))
+            drafter.meta = meta
     elif context_ngram != "saved" or tree:
         name = drafter.name
         if context_ngram is None and name == "mtp":

@@ -35,3 +35,23 @@ def lookup(ids: list, k: int, max_n: int, min_n: int = 1) -> list:
             if ids[start:start + n] == tail:
                 return ids[start + n:start + n + k]
     return []
+
+
+def check_context_ngram(n):
+    """``n`` if it is a valid ``context_ngram`` setting of a trained drafter (``None`` or 1-3), else ValueError."""
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 3):
+        raise ValueError(f"context_ngram must be None or an integer in [1, 3], got {n!r}")
+    return n
+
+
+def copy_or_choose(seq: list, logits, q, ngram: int | None, cfg, generator) -> tuple:
+    """A trained drafter's next token after ``seq`` and its q, the one place the context copy is written: where the
+    last ``ngram``..3 tokens of ``seq`` occurred earlier in it, the token that followed their latest occurrence with q
+    one-hot (deterministic, so verification stays exact); otherwise the head's choice from its q (``ngram=None``:
+    always)."""
+    from ..sampling import choose, one_hot
+
+    copied = lookup(seq, 1, 3, ngram) if ngram else []
+    if copied:
+        return copied[0], one_hot(copied[0], q)
+    return choose(logits, q, cfg, generator), q
