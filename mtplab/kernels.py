@@ -658,10 +658,12 @@ def without_plan(model: nn.Module):
 
 
 def measure_passes(model: nn.Module, run_pass: Callable[[int], None], rows=range(1, MAX_ROWS + 1), reps: int = 3,
-                   variants=("tuned", "plain"), progress: bool = True, contexts: dict | None = None) -> dict:
+                   variants=("tuned", "plain"), progress: bool = True, contexts: dict | None = None,
+                   applies: Callable[[str, int], bool] | None = None) -> dict:
     """Median seconds of ``run_pass(n)`` for each n: ``{variant: {n: seconds}}``, ``"tuned"`` with the model's plan
     (for every row count), ``"fused"`` through mtplab's fused C layers (:mod:`mtplab.fastpath`), ``"plain"``
-    neither; any other variant runs without the plan inside ``contexts[variant]()``. Interleaved: every repetition
+    neither; any other variant runs without the plan inside ``contexts[variant]()``. ``applies(variant, n)``: whether
+    that variant is timed at n (default: every one at every n; the result holds only those). Interleaved: every repetition
     runs every size and variant once, so a slow moment of the machine hits them all alike. Each timed pass follows an
     untimed one of the same variant and size, as a decoding step follows a step: on an AMD EPYC a fused one-token
     pass took 7% longer right after an F.linear pass than after a fused one, which made longer passes look cheaper
@@ -670,10 +672,10 @@ def measure_passes(model: nn.Module, run_pass: Callable[[int], None], rows=range
     from tqdm.auto import tqdm
 
     rows = list(rows)
-    times = {(v, n): [] for v in variants for n in rows}
+    times = {(v, n): [] for v in variants for n in rows if applies is None or applies(v, n)}
     plan = _PLANS.get(model)
     saved = None if plan is None else (plan.faster, plan.fused)
-    bar = tqdm(total=reps * len(rows) * len(variants), desc="Timing whole passes", unit="pass", disable=not progress)
+    bar = tqdm(total=reps * len(times), desc="Timing whole passes", unit="pass", disable=not progress)
     try:
         if plan is not None:  # "tuned" means the plan at every row count here, and never the fused layers
             plan.faster = plan.fused = None
@@ -682,6 +684,8 @@ def measure_passes(model: nn.Module, run_pass: Callable[[int], None], rows=range
             for _ in range(reps):
                 for n in rows:
                     for v in variants:
+                        if (v, n) not in times:
+                            continue
                         with without_plan(model) if v not in ("tuned", "fused") else nullcontext(), \
                                 fused_forward(model) if v == "fused" else (contexts or {}).get(v, nullcontext)():
                             run_pass(n)
@@ -693,7 +697,7 @@ def measure_passes(model: nn.Module, run_pass: Callable[[int], None], rows=range
         bar.close()
         if plan is not None:
             plan.faster, plan.fused = saved
-    return {v: {n: statistics.median(times[v, n]) for n in rows} for v in variants}
+    return {v: {n: statistics.median(times[v, n]) for n in rows if (v, n) in times} for v in variants}
 
 
 def check_whole_passes(model: nn.Module, run_pass: Callable[[int], None], refresh: bool = False,
@@ -816,7 +820,7 @@ def tune_widths(model: nn.Module, run_pass: Callable[[int], None], refresh: bool
 
         def with_width(width):
             @contextmanager
-            def ctx():  # this width wherever the C kernel has it (the passes of other sizes are not read)
+            def ctx():  # this width wherever the C kernel has it (passes are timed only there)
                 for n in rows:
                     if width in width_options(n):
                         set_block_width(n, width)
@@ -827,7 +831,8 @@ def tune_widths(model: nn.Module, run_pass: Callable[[int], None], refresh: bool
         try:
             seconds = measure_passes(model, run_pass, rows=rows, reps=reps, progress=progress,
                                      variants=tuple(f"width {w}" for w in WIDTHS),
-                                     contexts={f"width {w}": with_width(w) for w in WIDTHS})
+                                     contexts={f"width {w}": with_width(w) for w in WIDTHS},
+                                     applies=lambda v, n: int(v.removeprefix("width ")) in width_options(n))
         finally:
             for n in rows:
                 set_block_width(n, _DEFAULT_WIDTHS[n])

@@ -294,6 +294,8 @@ def test_block_widths_are_measured_on_fused_passes_chosen_and_cached(kernel_cach
     assert {n: kernels.block_width(n) for n in range(1, 17)} == {**{n: 1 for n in range(1, 17)}, **fast}
     assert all(fused for n, fused in timed[1:])  # every pass after the warm-up is a fused one
     assert {n for n, _ in timed} == set(range(1, 9))  # 9..16 rows have one width only: nothing to time
+    # each width only where the kernel has it (a warm-up, then an untimed and a timed pass per repetition)
+    assert len(timed) == 1 + 3 * 2 * sum(len(kernels.width_options(n)) for n in range(1, 9)) == 121
     for n, w in default_widths.items():
         kernels.set_block_width(n, w)
     assert kernels.tune_widths(model, lambda n: pytest.fail("timed again"), progress=False) == fast
