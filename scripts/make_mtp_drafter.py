@@ -39,7 +39,8 @@ ap.add_argument("out")
 ap.add_argument("--device", default="cpu")
 ap.add_argument("--gen-minutes", type=float, default=8.0, help="time for all generation stages together")
 ap.add_argument("--train-minutes", type=float, default=10.0)
-ap.add_argument("--batch-size", type=int, default=512, help="sequences decoded at once")
+ap.add_argument("--batch-size", type=int, default=None, help="sequences decoded at once (default: 512 on a GPU; 128 "
+               "on a CPU, where a batch of 128 takes minutes and is the unit a cut-off run resumes from)")
 ap.add_argument("--max-new-tokens", type=int, default=256)
 ap.add_argument("--limit", type=int, default=None, help="use only the first N stage-A prompts (smoke tests)")
 ap.add_argument("--heads", default="2x1536", help="heads to train side by side: LAYERSxINTERMEDIATE[+ctx],... (+ctx: with context "
@@ -80,7 +81,8 @@ def log(msg):
 
 target = mtplab.load_target(device=args.device, dtype=torch.float32)
 log(f"target {target} on {args.device}")
-sequences = datagen.build_answer_corpus(target, out, minutes=args.gen_minutes, batch_size=args.batch_size,
+batch_size = args.batch_size or (512 if args.device.startswith("cuda") else 128)
+sequences = datagen.build_answer_corpus(target, out, minutes=args.gen_minutes, batch_size=batch_size,
                                         max_new_tokens=args.max_new_tokens, limit=args.limit,
                                         precision=args.gen_precision, log=log)
 for name in datagen.STAGES:  # the token data as plain arrays, to re-train without generating
