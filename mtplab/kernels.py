@@ -663,11 +663,11 @@ def measure_passes(model: nn.Module, run_pass: Callable[[int], None], rows=range
     """Median seconds of ``run_pass(n)`` for each n: ``{variant: {n: seconds}}``, ``"tuned"`` with the model's plan
     (for every row count), ``"fused"`` through mtplab's fused C layers (:mod:`mtplab.fastpath`), ``"plain"``
     neither; any other variant runs without the plan inside ``contexts[variant]()``. ``applies(variant, n)``: whether
-    that variant is timed at n (default: every one at every n; the result holds only those). Interleaved: every repetition
-    runs every size and variant once, so a slow moment of the machine hits them all alike. Each timed pass follows an
-    untimed one of the same variant and size, as a decoding step follows a step: on an AMD EPYC a fused one-token
-    pass took 7% longer right after an F.linear pass than after a fused one, which made longer passes look cheaper
-    against it."""
+    that variant is timed at n (default: every one at every n; the result holds only those). Interleaved: every
+    repetition runs every size and variant once, so a slow moment of the machine hits them all alike. Each timed
+    pass follows an untimed one of the same variant and size, as a decoding step follows a step: on an AMD EPYC a
+    fused one-token pass took 7% longer right after an F.linear pass than after a fused one, which made longer
+    passes look cheaper against it."""
     from .fastpath import fused_forward
     from tqdm.auto import tqdm
 
