@@ -257,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "token), so that training steps run only the head")
     train.add_argument("--init-from", default=None, metavar="RUN",
                        help="start from another training run's folder (its heads, optimizer and draft vocabulary; "
-                       "the same target and heads) with a fresh schedule, e.g. once the data has grown")
+                       "the same target and heads) with a fresh schedule, e.g. once the data has grown; or from a "
+                       "saved drafter's folder (its head and draft vocabulary, a fresh optimizer)")
     train.set_defaults(func=cmd_train_drafter)
 
     export = sub.add_parser("export-drafter", help="write an EAGLE-3 drafter as a speculators checkpoint for vLLM",

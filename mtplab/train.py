@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 
 from .drafters.eagle import Eagle3Drafter, Eagle3Head
-from .drafters.mtp import MTPDrafter, MTPHead, restricted_lm_head
+from .drafters.mtp import CONFIG_NAME, MTPDrafter, MTPHead, restricted_lm_head
 from .models import chat_ids, last_hidden
 from .trace import mean_acceptance_length, per_position_acceptance
 
@@ -657,7 +657,8 @@ def train_on_sequences(target, sequences, out_dir, *, heads=((2, None),), draft_
     ``init_from``: another run's folder: a new run in ``out_dir`` starts from its checkpoint (the heads' weights and
     optimizer, its draft vocabulary and history) with a fresh schedule of ``steps``, on these ``sequences``: to go on
     training a drafter once its data has grown (the target and the heads must be the same; ignored once ``out_dir``
-    has a checkpoint of its own, which resumes).
+    has a checkpoint of its own, which resumes). Or a saved drafter's folder (a run's ``head0``, a shipped drafter):
+    its head and draft vocabulary with a fresh optimizer, to go on training where the run that made it is gone.
     ``restart``: continue from the checkpoint's weights and optimizer with a fresh schedule (warm-up, cosine) of
     ``steps`` — a warm restart, as used for the shipped drafter; the history's step count goes on.
     ``cache_teacher``: ``True``: keep the target's outputs for each sequence in memory after its first batch instead
@@ -702,9 +703,12 @@ def train_on_sequences(target, sequences, out_dir, *, heads=((2, None),), draft_
     lengths = [len(ids) for ids, _ in sequences]
     ckpt = out_dir / "checkpoint.pt"
     source = ckpt if ckpt.exists() or init_from is None else Path(init_from) / "checkpoint.pt"
+    if source != ckpt and not source.exists() and (Path(init_from) / CONFIG_NAME).exists():
+        vocab_ids, earlier, history = _start_from_drafter(Path(init_from), nets, run, log)
+        source = ckpt  # (absent: a new run)
     if source != ckpt and not source.exists():
-        raise ValueError(f"init_from must be the folder of an earlier training run (holding checkpoint.pt), got "
-                         f"{str(init_from)!r}")
+        raise ValueError(f"init_from must be the folder of an earlier training run (holding checkpoint.pt) or of a "
+                         f"saved drafter (holding {CONFIG_NAME}), got {str(init_from)!r}")
     if source.exists():
         state = torch.load(source, weights_only=True, map_location=device)
         if source == ckpt:
@@ -868,6 +872,23 @@ def train_on_sequences(target, sequences, out_dir, *, heads=((2, None),), draft_
         cache.clear()  # the target's outputs per sequence: hundreds of MB for a notebook's data
     _release_freed_memory()
     return drafters
+
+
+def _start_from_drafter(path: Path, nets: list, run: dict, log) -> tuple:
+    """``init_from`` a saved drafter's folder (a run's ``head0``, or a drafter shipped in the package, whose run and
+    optimizer stayed on the machine that trained it): its head's weights and draft vocabulary, a fresh optimizer.
+    Returns ``(vocab_ids, steps it was trained, its history)``."""
+    drafter = MTPDrafter.load(path)
+    meta = getattr(drafter, "meta", {})
+    if len(nets) != 1 or dict(drafter.head.config) != run["heads"][0] \
+            or meta.get("target", run["target"]["name"]) != run["target"]["name"]:
+        raise ValueError(f"init_from: {path} holds a drafter {_describe('heads', [dict(drafter.head.config)])} for "
+                         f"{meta.get('target')!r}, not {_describe('heads', run['heads'])} for "
+                         f"{run['target']['name']!r}: start from a drafter of the same target and head")
+    nets[0].load_state_dict(drafter.head.state_dict())  # (float16 weights as saved: copied into float32)
+    steps = int(meta.get("steps") or 0)
+    log(f"starting from the drafter in {path} ({steps} steps trained) on this data, with a fresh optimizer")
+    return drafter.vocab_ids, steps, list(meta.get("history") or [])
 
 
 GROUP = 8  # batches drawn at once and cut by length (_length_grouped)

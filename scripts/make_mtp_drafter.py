@@ -21,7 +21,8 @@ H100 (generation 371 s, then training 432 s + 368 s + 220 s):
 
 A run (and its teacher store) belongs to one corpus; once more generation has grown it, go on in a new run from the
 old one's weights: ``--gen-minutes 0 --run train2 --init-from train`` (the new store copies what the earlier runs'
-stores hold and runs the target only over the new answers).
+stores hold and runs the target only over the new answers). On another machine, where neither the corpus nor the
+run is, go on from a saved drafter: ``--init-from mtplab/data/eagle3-smollm2-135m`` (its weights, a fresh optimizer).
 """
 import argparse
 import time
@@ -63,7 +64,8 @@ ap.add_argument("--run", default="train", help="the training run's folder under 
                "for the default, else OUT/RUN_teacher); a run and its store are for one corpus, so a grown corpus "
                "wants a new run")
 ap.add_argument("--init-from", default=None, metavar="RUN", help="start from the run OUT/RUN (e.g. train, on a smaller "
-               "corpus: its heads, optimizer and draft vocabulary) with a fresh schedule")
+               "corpus: its heads, optimizer and draft vocabulary) with a fresh schedule; or from a saved drafter's "
+               "folder (a path: its head and draft vocabulary, a fresh optimizer), e.g. one shipped in mtplab/data")
 args = ap.parse_args()
 
 out = Path(args.out)

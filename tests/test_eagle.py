@@ -402,6 +402,23 @@ def test_a_run_starts_from_another_runs_heads_on_other_data(trained, tmp_path):
         train_on_sequences(target, seqs[:30], tmp_path / "other", steps=1, init_from=out, **{**kw, "heads": [(2, 32)]})
 
 
+def test_a_run_starts_from_a_saved_drafter(trained, tmp_path):
+    """``init_from`` a saved drafter's folder (as shipped: no run, no optimizer): its head and draft vocabulary, a
+    fresh optimizer (at learning rate 0 the head stays exactly the saved float16 one), the history goes on from its
+    steps; a drafter of another head is refused."""
+    target, seqs, out, drafter = trained
+    kw = dict(heads=["eagle3"], draft_vocab_size=48, batch_size=8, val_size=4, log_every=1, **QUIET)
+    shipped = drafter.save(tmp_path / "shipped", dtype=torch.float16, target=target.name, steps=90,
+                           history=drafter.history)
+    again = train_on_sequences(target, seqs[:30], tmp_path / "more", steps=1, lr=0.0, init_from=shipped, **kw)[0]
+    for (name, a), b in zip(again.head.state_dict().items(), drafter.head.state_dict().values()):
+        assert torch.equal(a, b.half().float()), name
+    assert torch.equal(again.vocab_ids, drafter.vocab_ids)
+    assert [h["step"] for h in again.history] == [30, 60, 90, 91]
+    with pytest.raises(ValueError, match=r"init_from: .* holds a drafter heads eagle3\(layers \[1, 2\].*, not heads 2x32"):
+        train_on_sequences(target, seqs[:30], tmp_path / "other", steps=1, init_from=shipped, **{**kw, "heads": [(2, 32)]})
+
+
 # --- drafting from float16 copies (mtplab.kernels.HalfCopies), where measured faster ------------------------------
 def half_eagle(target, seed=0, vocab_ids=None):
     """A random head whose weights are float16 values, as a saved and loaded drafter's are."""
