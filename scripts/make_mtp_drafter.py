@@ -23,6 +23,8 @@ A run (and its teacher store) belongs to one corpus; once more generation has gr
 old one's weights: ``--gen-minutes 0 --run train2 --init-from train`` (the new store copies what the earlier runs'
 stores hold and runs the target only over the new answers). On another machine, where neither the corpus nor the
 run is, go on from a saved drafter: ``--init-from mtplab/data/eagle3-smollm2-135m`` (its weights, a fresh optimizer).
+``--packed data/answers`` carries the corpus itself to the next machine: the stages packed in the repo are unpacked
+before generating (a CPU then goes on with the next stage instead of redoing the first), and grown ones are packed.
 """
 import argparse
 import time
@@ -66,6 +68,9 @@ ap.add_argument("--run", default="train", help="the training run's folder under 
 ap.add_argument("--init-from", default=None, metavar="RUN", help="start from the run OUT/RUN (e.g. train, on a smaller "
                "corpus: its heads, optimizer and draft vocabulary) with a fresh schedule; or from a saved drafter's "
                "folder (a path: its head and draft vocabulary, a fresh optimizer), e.g. one shipped in mtplab/data")
+ap.add_argument("--packed", default=None, metavar="DIR", help="a folder of packed stages (data/answers in the repo): "
+               "stages OUT lacks are unpacked from it before generating, and stages that grew are packed into it "
+               "after (one tar.xz a stage, ~0.5 MB a million answer tokens), so the corpus outlives the machine")
 args = ap.parse_args()
 
 out = Path(args.out)
@@ -84,9 +89,13 @@ def log(msg):
 target = mtplab.load_target(device=args.device, dtype=torch.float32)
 log(f"target {target} on {args.device}")
 batch_size = args.batch_size or (512 if args.device.startswith("cuda") else 128)
+if args.packed:
+    datagen.unpack_stages(args.packed, out, log=log)
 sequences = datagen.build_answer_corpus(target, out, minutes=args.gen_minutes, batch_size=batch_size,
                                         max_new_tokens=args.max_new_tokens, limit=args.limit,
                                         precision=args.gen_precision, log=log)
+if args.packed:
+    datagen.pack_stages(out, args.packed, log=log)
 for name in datagen.STAGES:  # the token data as plain arrays, to re-train without generating
     seqs = datagen.load_sequences(out / name)
     if seqs:

@@ -186,6 +186,38 @@ def test_generate_answers_refuses_an_unknown_precision(tmp_path):
         datagen.generate_answers(None, ["hi"], tmp_path, precision="float16")
 
 
+def test_packed_stages_restore_the_corpus_byte_for_byte(tmp_path):
+    """A corpus packed into a folder (one tar.xz a stage) restores into an empty cache as the same shards, so the
+    corpus goes on from there; a stage with shards of its own is left alone, and a pack that grew is re-written."""
+    def shard(folder, b, seqs):
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(dict(tokens=torch.tensor([t for ids, _ in seqs for t in ids], dtype=torch.int32),
+                        lengths=torch.tensor([len(ids) for ids, _ in seqs]),
+                        answer_start=torch.tensor([s for _, s in seqs]), dtype="bfloat16"), folder / f"shard_{b:05d}.pt")
+
+    cache, packs = tmp_path / "cache", tmp_path / "packs"
+    shard(cache / "a_greedy", 0, [([1, 2, 3, 4], 2), ([5, 6, 7], 1)])
+    shard(cache / "a_greedy", 1, [([8, 9], 1)])
+    (cache / "a_greedy" / datagen.COMPLETE).write_text("2 shards\n")
+    shard(cache / "b_greedy", 0, [([3, 3, 3], 2)])
+    want = {name: datagen.load_sequences(cache / name) for name in datagen.STAGES}
+    assert [p.name for p in datagen.pack_stages(cache, packs, log=lambda m: None)] == ["a_greedy.tar.xz",
+                                                                                     "b_greedy.tar.xz"]
+    assert datagen.pack_stages(cache, packs, log=lambda m: None) == []  # nothing grew
+    fresh = tmp_path / "fresh"
+    assert datagen.unpack_stages(packs, fresh, log=lambda m: None) == ["a_greedy", "b_greedy"]
+    for name in ("a_greedy", "b_greedy"):
+        for path in (cache / name).iterdir():
+            assert (fresh / name / path.name).read_bytes() == path.read_bytes(), path
+    assert {name: datagen.load_sequences(fresh / name) for name in datagen.STAGES} == want
+    assert datagen.unpack_stages(packs, fresh, log=lambda m: None) == []  # its own shards now: left alone
+    shard(cache / "b_greedy", 1, [([4, 4], 1)])  # the stage grew: its pack is written again
+    assert [p.name for p in datagen.pack_stages(cache, packs, log=lambda m: None)] == ["b_greedy.tar.xz"]
+    (packs / "c_other.tar.xz").write_bytes((packs / "a_greedy.tar.xz").read_bytes())
+    with pytest.raises(ValueError, match="c_other.tar.xz: not a stage of the answer corpus"):
+        datagen.unpack_stages(packs, tmp_path / "third", log=lambda m: None)
+
+
 # --- the shipped drafter ----------------------------------------------------------------------------------------
 
 def test_shipped_drafter_is_small_and_documented():
