@@ -255,6 +255,40 @@ def test_shipped_drafter_is_exact_and_accepts_on_held_out_prompts(bundled):
     assert lengths["mtp"][2] > lengths["mtp-head"][2], lengths
 
 
+def test_shipped_eagle3_drafter_is_small_documented_and_copies():
+    """The EAGLE-3 drafter in training ships as a folder a new run can go on from (``init_from``): the bundled
+    target's, float16 weights under 25 MB, copying on 3-gram matches, its history of validation acceptance."""
+    path = shipped_path(kind="eagle3")
+    assert (path / WEIGHTS_NAME).stat().st_size <= 25 * 2 ** 20
+    meta = json.loads((path / "mtp_config.json").read_text())
+    assert meta["kind"] == "eagle3" and meta["target"] == "SmolLM2-135M-Instruct" and meta["context_ngram"] == 3
+    assert meta["target_layers"] == [2, 15, 27] and meta["draft_vocab_size"] == 8192
+    decoded = [h["decoded"]["mean_acceptance_length"] for h in meta["history"]]
+    assert decoded[-1] > 1.3 and meta["steps"] == meta["history"][-1]["step"]  # validation: a trained head
+    drafter = mtplab.load_drafter("eagle3")
+    assert type(drafter).__name__ == "Eagle3Drafter" and drafter.context_ngram == 3
+    assert mtplab.load_drafter("eagle3", context_ngram=None).context_ngram is None
+
+
+@pytest.mark.slow
+def test_shipped_eagle3_drafter_is_exact_and_accepts_on_held_out_prompts(bundled):
+    plain = SpeculativeDecoder(bundled, None)
+    prompts = [p["prompt"] for p in load_prompts()[:2]] + ["Repeat after me: the quick brown fox jumps over the lazy dog."]
+    want = [plain.generate(p, 40).token_ids for p in prompts]
+    lengths = {}
+    for ngram in (3, None):
+        dec = SpeculativeDecoder(bundled, mtplab.load_drafter("eagle3", bundled, context_ngram=ngram),
+                                 num_draft_tokens=3, schedule="constant")
+        runs = []
+        for p, w in zip(prompts, want):
+            t = dec.generate(p, 40)
+            assert t.token_ids == w
+            runs.append(t.metrics.mean_acceptance_length)
+        lengths[ngram] = runs
+    assert sum(lengths[None][:2]) / 2 > 1.2, lengths  # a trained head, on prompts it never saw
+    assert lengths[3][2] > lengths[None][2], lengths  # the copy pays where the answer repeats the prompt
+
+
 @pytest.mark.slow
 def test_shipped_drafter_samples_from_the_target(bundled):
     """At T=0.7 the first emitted token follows the target's distribution (chi-square over seeds)."""

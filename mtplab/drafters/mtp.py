@@ -442,36 +442,40 @@ class MTPDrafter(Drafter):
 # side by side (the bench, notebook 04) hold it once. Kept while any drafter uses it; a re-saved folder loads anew.
 _LOADED_HEADS = weakref.WeakValueDictionary()
 
-SHIPPED = {"SmolLM2-135M-Instruct": "mtp-smollm2-135m"}  # target name -> folder in mtplab/data
+# target name -> {kind: folder in mtplab/data}: "mtp", the default; "eagle3", the context-reading EAGLE-3 drafter,
+# trained on the CPU a session at a time (each run goes on from the shipped weights: README, model cards)
+SHIPPED = {"SmolLM2-135M-Instruct": {"mtp": "mtp-smollm2-135m", "eagle3": "eagle3-smollm2-135m"}}
 # "mtp-tree": the shipped drafter, verified as a token tree when greedy (settings chosen on the dev prompts)
 TREE = dict(tree_width=2, tree_branch_len=2, tree_copy=True)
 
 
-def shipped_path(target_name: str = "SmolLM2-135M-Instruct") -> Path:
-    """The folder of the MTP drafter shipped in the package for ``target_name``."""
+def shipped_path(target_name: str = "SmolLM2-135M-Instruct", kind: str = "mtp") -> Path:
+    """The folder of the drafter of ``kind`` (``"mtp"`` or ``"eagle3"``) shipped in the package for ``target_name``."""
     from importlib import resources
 
     if target_name not in SHIPPED:
         raise ValueError(f"mtplab ships an MTP drafter only for {sorted(SHIPPED)}, not for {target_name!r}: train "
                          "one with `mtplab train-drafter` or mtplab.train.train_on_sequences")
-    return Path(str(resources.files("mtplab").joinpath("data", SHIPPED[target_name])))
+    return Path(str(resources.files("mtplab").joinpath("data", SHIPPED[target_name][kind])))
 
 
 def load_drafter(name_or_path="mtp", target=None, context_ngram="saved", tree: dict | None = None) -> MTPDrafter:
     """An MTP drafter: ``"mtp"`` is the one shipped for the bundled target (or for ``target``, if mtplab ships one
     for it); ``"mtp-tree"`` is the same drafter offering a token tree in greedy decoding (besides its draft, the
-    head's second-best first token continued one more step, and a copy of what followed the last token before); any
-    other value is a folder written by :meth:`MTPDrafter.save` / :func:`mtplab.train.train_on_sequences`.
+    head's second-best first token continued one more step, and a copy of what followed the last token before);
+    ``"eagle3"`` is the shipped EAGLE-3 drafter (an :class:`~mtplab.drafters.eagle.Eagle3Drafter`); any other value
+    is a folder written by :meth:`MTPDrafter.save` / :func:`mtplab.train.train_on_sequences`.
 
     ``context_ngram``: ``"saved"`` keeps the saved setting (the shipped drafter copies a token from the context when
     the last 3 tokens occurred there before; a trained one saved by the trainer drafts with its head alone);
     ``None`` drafts with the head alone; 1-3 sets the n-gram size (an EAGLE-3 drafter's folder too).
     ``tree``: ``dict(tree_width=..., tree_branch_len=..., tree_copy=...)`` for tree drafting (see :class:`MTPDrafter`).
     """
-    if name_or_path in ("mtp", "mtp-tree"):
+    if name_or_path in ("mtp", "mtp-tree", "eagle3"):
         if name_or_path == "mtp-tree":
             tree = TREE if tree is None else tree
-        path = shipped_path("SmolLM2-135M-Instruct" if target is None else target.name)
+        path = shipped_path("SmolLM2-135M-Instruct" if target is None else target.name,
+                            "eagle3" if name_or_path == "eagle3" else "mtp")
     else:
         path = Path(name_or_path)
     drafter = MTPDrafter.load(path)

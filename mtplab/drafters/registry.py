@@ -64,6 +64,9 @@ ENTRIES = {e.name: e for e in [
           _mtp("mtp-tree"), shipped_mtp=True),
     Entry("mtp-head", "MTP head alone (no context copy)", "the MTP head without the context copy",
           _mtp("mtp", context_ngram=None), shipped_mtp=True),
+    Entry("eagle3", "EAGLE-3 (reads the context; in training)",
+          "an EAGLE-3 head over the target's low, middle and high layers and its own cache of the context, copying "
+          "on 3-gram matches; trained on a CPU so far, a session at a time", _mtp("eagle3"), shipped_mtp=True),
     Entry("prompt-lookup", "prompt lookup", "copies what followed the last 1-3 tokens earlier in the context",
           _prompt_lookup),
     Entry("layer-skip", "layer-skip (exit after layer {layers})",
