@@ -460,29 +460,45 @@ def _draft_head(target, vocab_ids):
     return lm_head_t, vocab_map
 
 
-def _draft_states(head, embed, hidden, ids, unroll):
+def _draft_states(head, embed, hidden, ids, unroll, seeds=None):
     """The head's output state (what the LM head reads) at draft steps 1..``unroll`` from every seed position
     ``t < n = length - unroll``: step j reads the true token t+j (as drafting does once the earlier drafts were
     accepted) and the state fed back from step j-1. An MTP head starts from the target's last hidden state at t; an
-    EAGLE-3 head from its fused features, attending to every earlier position (training-time test)."""
+    EAGLE-3 head from its fused features, attending to every earlier position (training-time test).
+
+    ``seeds`` ``[B, W]``: only from these positions (:func:`_seeds`), ``[B, W, H]`` a step instead of ``[B, n, H]``."""
     n = ids.shape[1] - unroll
     if isinstance(head, Eagle3Head):
         return [head.norm(s) for s in head.unrolled(hidden[:, :n], [embed(ids[:, j:n + j]) for j in range(1, unroll + 1)],
-                                                    unroll)]
-    s, states = hidden[:, :n], []
+                                                    unroll, seeds=seeds)]
+    seeds = torch.arange(n, device=ids.device).expand(len(ids), n) if seeds is None else seeds
+    rows = torch.arange(len(ids), device=ids.device)[:, None]
+    s, states = hidden[rows, seeds], []
     if head.attn is not None:  # memory: every position j, value from the token after it; seed t sees j <= t
         L = ids.shape[1] - 1
         K, V = head.attn.memory(hidden[:, :L], embed(ids[:, :L]), embed(ids[:, 1:]))
-        seed, pos = torch.arange(n, device=ids.device)[:, None], torch.arange(L, device=ids.device)[None, :]
-        seen, distance = pos <= seed, (seed - pos).clamp_min(0).to(hidden.dtype)
+        pos = torch.arange(L, device=ids.device)
+        seen, distance = pos <= seeds[..., None], (seeds[..., None] - pos).clamp_min(0).to(hidden.dtype)
     for j in range(1, unroll + 1):
         context = None
         if head.attn is not None:
-            match = (ids[:, j:n + j, None] == ids[:, None, :L]).to(hidden.dtype)
+            match = (ids[rows, seeds + j][..., None] == ids[:, None, :L]).to(hidden.dtype)
             context = (K, V, match, distance, seen)
-        s = head(s, embed(ids[:, j:n + j]), context)
+        s = head(s, embed(ids[rows, seeds + j]), context)
         states.append(s)
     return states
+
+
+def _seeds(masks) -> tuple:
+    """The seed positions some draft step learns from (``masks``: per step ``[B, n]``, whether the token it drafts
+    is one to learn), ascending per row and padded to the row with most (``[B, W]``), and which are real (the
+    padding repeats a row's first position and learns nothing). Only these meet the head: stage-B prompts quote
+    whole answers, so most positions of a batch are prompt."""
+    wanted = torch.stack(masks).any(0)
+    width = max(1, int(wanted.sum(1).max()))
+    order = torch.sort((~wanted).to(torch.uint8), dim=1, stable=True).indices[:, :width]
+    real = wanted.gather(1, order)
+    return order.masked_fill(~real, 0), real
 
 
 class _DraftCrossEntropy(torch.autograd.Function):
@@ -543,19 +559,21 @@ def _sequence_loss(head, embed, lm_head_t, vocab_map, hidden, ids, answer, p, to
     distributions and their rows (:func:`_teacher_p`)."""
     p, p_rows = p
     n = ids.shape[1] - unroll
-    losses, matches, masks = [], [], []
-    for j, s in enumerate(_draft_states(head, embed, hidden, ids, unroll), start=1):
-        m = answer[:, j + 1: j + 1 + n]
-        m = torch.nn.functional.pad(m, (0, n - m.shape[1]))
-        # only the rows to learn meet the LM head: the prompt's and the padding's (44 % of a batch of the CPU
-        # corpus) would cost as much and count for nothing; elsewhere the draft is -2 (no token)
-        b, t = m.nonzero(as_tuple=True)
-        ce, picked = _DraftCrossEntropy.apply(s[b, t], lm_head_t, p, p_rows[b, t + j])
+    masks = [torch.nn.functional.pad(answer[:, j + 1: j + 1 + n], (0, max(0, n - answer.shape[1] + j + 1)))
+             for j in range(1, unroll + 1)]  # step j from seed t drafts token t+j+1: one to learn?
+    seeds, real = _seeds(masks)
+    rows = torch.arange(len(ids), device=ids.device)[:, None]
+    losses, matches = [], []
+    for j, (s, m) in enumerate(zip(_draft_states(head, embed, hidden, ids, unroll, seeds), masks), start=1):
+        # only the seeds' rows whose draft is a token to learn meet the LM head (the prompt's and the padding's
+        # would cost as much and count for nothing); elsewhere the draft is -2 (no token)
+        b, i = (real & m[rows, seeds]).nonzero(as_tuple=True)
+        t = seeds[b, i]
+        ce, picked = _DraftCrossEntropy.apply(s[b, i], lm_head_t, p, p_rows[b, t + j])
         draft = torch.full_like(top[:, j:n + j], -2)
         draft[b, t] = picked
         losses.append(ce.sum() / m.sum().clamp_min(1))
         matches.append(vocab_map[top[:, j:n + j]] == draft)
-        masks.append(m)
     loss = sum(w * l for w, l in zip(weights, losses)) / sum(weights)
     return loss, torch.stack(matches), masks[0] & masks[-1]
 

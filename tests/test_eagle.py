@@ -352,6 +352,57 @@ def test_the_trainer_unrolls_the_drafting_steps():
                 torch.testing.assert_close(head.norm(g)[0], states[j][0, t], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("spec", ["eagle3", (1, 32), (1, 32, True)], ids=["eagle3", "mtp", "mtp+context"])
+def test_the_head_runs_only_where_a_draft_is_learned(spec, monkeypatch):
+    """The trainer runs the head only at the seeds whose drafts reach a token to learn (train._seeds; long prompts
+    are most of a stage-B batch): the loss, its gradients and the greedy matches equal those of running it at every
+    position, and the states at any seeds (repeated, unordered) equal the every-position states there."""
+    from mtplab import train
+
+    target = tiny(num_layers=4)
+    torch.manual_seed(0)
+    head = train.make_head(spec, target)
+    for p in head.parameters():  # peaky, varied outputs; the context block's output is no longer zero
+        torch.nn.init.normal_(p, std=0.3 if spec == "eagle3" else 0.1)
+    request = head.target_layers if isinstance(head, Eagle3Head) else True
+    gen = torch.Generator().manual_seed(1)
+    seqs = [(torch.randint(0, target.vocab_size, (n,), generator=gen).tolist(), start)
+            for n, start in ((24, 15), (17, 9), (20, 11), (9, 6))]  # lengths and prompts differ
+    ids, mask, answer = train._pad_batch(seqs, 0, "cpu")
+    hidden, final, top = train._teacher(target.model, ids, mask, request)
+    lm_head_t, vocab_map = train._draft_head(target, None)
+    p = train._teacher_p(final, lm_head_t, answer)
+    embed = lambda x: target.model.get_input_embeddings()(x).detach().float()  # noqa: E731
+    unroll, n = 3, ids.shape[1] - 3
+
+    def every(masks):
+        return torch.arange(n).expand(len(ids), n), torch.ones(len(ids), n, dtype=torch.bool)
+
+    def run(seeds):
+        monkeypatch.setattr(train, "_seeds", seeds)
+        head.zero_grad()
+        loss, matches, m = train._sequence_loss(head, embed, lm_head_t, vocab_map, hidden, ids, answer, p, top,
+                                                unroll, [1.0, 0.8, 0.64])
+        loss.backward()
+        return [loss, matches, m, *(q.grad.clone() for q in head.parameters() if q.grad is not None)]
+
+    learned = [answer[:, j + 1:j + 1 + n] for j in range(1, unroll + 1)]  # step j from t drafts token t+j+1
+    seeds, real = train._seeds([torch.nn.functional.pad(m, (0, n - m.shape[1])) for m in learned])
+    # seed t drafts a token to learn iff start <= t+j+1 < length for some step j: t in [start-4, length-3], t < 21
+    assert real.sum(1).tolist() == [10, 10, 11, 5] and seeds.shape == (4, 11)  # of 21 positions
+    assert seeds[0, :10].tolist() == list(range(11, 21)) and seeds[3].tolist() == [2, 3, 4, 5, 6] + [0] * 6
+    got, want = run(train._seeds), run(every)
+    assert len(got) == len(want) > 5
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    some = torch.tensor([[5, 0, 5, 20], [2, 12, 1, 1], [0, 19, 7, 3], [4, 4, 4, 4]])
+    with torch.no_grad():
+        full = train._draft_states(head, embed, hidden, ids, unroll)
+        part = train._draft_states(head, embed, hidden, ids, unroll, some)
+    for f, q in zip(full, part):
+        torch.testing.assert_close(q, f[torch.arange(4)[:, None], some], rtol=0, atol=1e-5)
+
+
 def test_decoded_acceptance_is_what_the_decoder_measures(trained):
     """The trainer's validation number "as the decoder would see it" (train.decoded_acceptance over the training-time
     matches) equals the real greedy decoder's rounds over the same text: mean acceptance length and per position,

@@ -514,6 +514,28 @@ def test_context_attention_reads_the_context():
                               drafter.head(h, drafter.embed(torch.tensor(9))))
 
 
+def test_the_trainer_unrolls_context_attention_as_drafting_does():
+    """train._draft_states for a context-attention head: step j from seed t is the drafter's state after the target
+    read positions 0..t (the memory) and the head stepped through the true tokens t+1..t+j, as drafting steps."""
+    from mtplab.models import forward, new_cache
+    from mtplab.train import _draft_states
+
+    target = tiny()
+    drafter = attention_drafter(target)
+    drafter.bind(target)
+    ids, unroll = PROMPT + [4, 1, 2, 9, 3], 3  # repeats: the memory's token matches count
+    with torch.inference_mode():
+        rows = forward(target.model, ids, new_cache(target.model), hidden=True, logits=False)[1]
+        states = _draft_states(drafter.head, drafter.embed, rows[None], torch.tensor([ids]), unroll)
+        for t in (1, 5, len(ids) - unroll - 1):
+            drafter.reset(ids[:t + 2])
+            drafter.observe(list(rows[:t + 1]), None)
+            context, s = drafter.context(ids[:t + 2]), rows[t][None]
+            for j in range(1, unroll + 1):
+                s = drafter.step(s, [ids[t + j]], context)
+                torch.testing.assert_close(s[0], states[j - 1][0, t], rtol=0, atol=1e-5)
+
+
 def test_context_attention_needs_the_targets_hidden_states():
     target = tiny()
     drafter = attention_drafter(target)

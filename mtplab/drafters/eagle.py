@@ -180,27 +180,37 @@ class Eagle3Head(nn.Module):
         mask = torch.ones(n, m, dtype=torch.bool, device=x.device).tril(m - n)
         return layer.finish(features, layer.self_attn.attend(q, k, v, mask))[0], (k, v)
 
-    def unrolled(self, aux, embeds, steps: int, positions=None) -> list:
+    def unrolled(self, aux, embeds, steps: int, positions=None, seeds=None) -> list:
         """Training-time test: ``steps`` draft steps at every position of ``B`` sequences at once.
 
         ``aux``: the target's hidden states at :attr:`target_layers`, concatenated ``[B, n, 3H]``; ``embeds[s]``:
         ``[B, n, H]``, the embeddings step ``s`` reads at each position (step 0: of the token after that position).
         Step 0 attends causally over the real features; step s > 0 at position t reads its own state of step s - 1
         and attends to the real rows ≤ t plus its own rows of steps 1..s at t, as the drafting cache holds them.
-        Returns the output states of every step (``[B, n, H]`` each, pre-norm)."""
+        Returns the output states of every step (``[B, n, H]`` each, pre-norm).
+
+        ``seeds`` ``[B, W]``: only the drafts from these positions (``[B, W, H]`` each): every position's real row
+        is still a key, but queries, the MLP and the later steps run only at the seeds (a long prompt's positions
+        draft nothing the loss reads)."""
         layer, attn = self.layers[0], self.layers[0].self_attn
         n = aux.shape[1]
         positions = torch.arange(n, device=aux.device)[None] if positions is None else positions
-        causal = torch.ones(n, n, dtype=torch.bool, device=aux.device).tril()
+        if seeds is None:
+            at, mask = (lambda t: t), torch.ones(n, n, dtype=torch.bool, device=aux.device).tril()
+        else:
+            rows = torch.arange(seeds.shape[0], device=aux.device)[:, None]
+            at = lambda t: t.expand(seeds.shape[0], *t.shape[1:])[rows, seeds]  # noqa: E731 (rows of [B, n, ...])
+            mask = torch.arange(n, device=aux.device) <= seeds[..., None]  # seed t sees the real rows <= t
         features, out, own = self.fc(aux), [], []
         for s in range(steps):
-            x = layer.rows(embeds[s], features)
-            q, k, v = attn.qkv(x, *self.rotary_emb(x, positions + s))
+            x = layer.rows(at(embeds[s]) if s else embeds[s], features)
+            q, k, v = attn.qkv(x, *self.rotary_emb(x, (at(positions) if s else positions) + s))
             if s == 0:
                 real = (k, v)
+                q, features = at(q.transpose(1, 2)).transpose(1, 2), at(features)  # the seeds' rows only
             else:  # step s's own rows follow the real ones: real rows <= t, then position t's row of each step
                 own.append((k, v))
-            features = layer.finish(features, attn.attend(q, *real, causal, own))
+            features = layer.finish(features, attn.attend(q, *real, mask, own))
             out.append(features)
         return out
 
