@@ -221,14 +221,21 @@ def _teacher(model, ids, mask, hidden=True):
 
 
 def _teacher_p(final, lm_head_t, answer):
-    """The target's next-token distribution on the draft vocabulary (its softmax restricted and renormalised) from
-    its final hidden states: ``softmax(final @ lm_head_t)`` (the columns of ``lm_head_t``: the draft vocabulary),
-    only at the positions whose next token is one to learn (``answer[:, 1:]``): ``(p [N, V], rows [B, L])``,
-    ``rows`` naming each position's row of ``p`` (-1: not computed)."""
+    """What the draft loss needs of the target's next-token distribution on the draft vocabulary (``p``: its
+    softmax restricted and renormalised, ``softmax(final @ lm_head_t)``): the LM-head row it expects, ``p @ lm_head_tᵀ``
+    (the cross-entropy ``-p · log softmax(s @ lm_head_t)`` is ``logsumexp(s @ lm_head_t) - s · (p @ lm_head_tᵀ)``
+    since ``p`` sums to 1; its gradient ``(softmax(s @ lm_head_t) - p) @ lm_head_tᵀ`` is ``softmax(...) @
+    lm_head_tᵀ - p @ lm_head_tᵀ``), only at the positions whose next token is one to learn (``answer[:, 1:]``):
+    ``(pw [N, H], rows [B, L])``, ``rows`` naming each position's row of ``pw`` (-1: not computed)."""
     needed = torch.nn.functional.pad(answer[:, 1:], (0, 1))
     rows = torch.full(needed.shape, -1, dtype=torch.long, device=final.device)
     rows[needed] = torch.arange(int(needed.sum()), device=final.device)
-    return torch.softmax((final[needed] @ lm_head_t).float(), dim=-1), rows
+    pw = [final.new_zeros(0, lm_head_t.shape[0], dtype=torch.float32)]
+    for piece in final[needed].split(max(1, CE_PIECE // lm_head_t.shape[1])):
+        p = torch.softmax((piece @ lm_head_t).float(), dim=-1)
+        with torch.autocast(final.device.type, enabled=False):  # float32: the gradient is a difference against it
+            pw.append(p @ lm_head_t.float().T)
+    return torch.cat(pw), rows
 
 
 class TeacherStore:
@@ -502,45 +509,50 @@ def _seeds(masks) -> tuple:
 
 
 class _DraftCrossEntropy(torch.autograd.Function):
-    """Per row r of ``s`` ``[R, H]``: the soft cross-entropy ``-(p[rows[r]] * log_softmax(s[r] @ w)).sum()`` of the
-    draft logits ``s @ w`` (``w`` ``[H, V]``: the target's frozen LM head on the draft vocabulary) against the
-    teacher's distribution ``p[rows[r]]`` (``p`` ``[N, V]``: the teacher's rows, :func:`_teacher_p`; ``rows`` picks
-    each row's), and the greedy draft ``argmax(s[r] @ w)`` (not differentiable). Only ``s`` gets a gradient:
-    ``((softmax(s @ w) - p[rows]) * grad) @ wᵀ``.
+    """Per row r of ``s`` ``[R, H]``: the soft cross-entropy of the draft logits ``z = s[r] @ w`` (``w`` ``[H, V]``:
+    the target's frozen LM head on the draft vocabulary) against the teacher's distribution ``p``, from the row it
+    expects ``pw[rows[r]]`` (``pw = p @ wᵀ``, :func:`_teacher_p`): ``logsumexp(z) - s[r] · pw[rows[r]]``, and with
+    ``greedy`` the draft ``argmax(z)`` (not differentiable; else ``None``). Only ``s`` gets a gradient:
+    ``(softmax(s @ w) @ wᵀ - pw[rows]) * grad``.
 
-    Computed a few rows at a time (:data:`CE_PIECE` logits), the backward pass recomputing each piece's logits and
-    reading each piece's rows of ``p`` where they lie, so that no ``[R, V]`` array is made or kept: autograd's
-    chain (logits, log-softmax, product, sum and their gradients) made and kept several per draft step (150 MB each
-    for 16 answers and the bundled target's 8192-token draft vocabulary). An EAGLE-3 training step of 16 answers ran
-    3.7 s this way against 4.5 s (bfloat16, on an Intel(R) Xeon(R) Processor with AMX, 2 cores); then only the rows
-    to learn (:func:`_sequence_loss`), each piece reading its rows of ``p`` where they lie (gathering ``p[rows]``
-    whole took 0.12 s a draft step) and a row's ``p · log q`` as a product and a sum (not a batched matrix product,
-    0.06 s): 2.8 s against 3.8 s (median of 12 steps, interleaved, same CPU). The teacher's ``p`` only where the next
-    token is one to learn: 136 against 202 ms a batch of stage-A answers (median of 12, interleaved, same CPU).
+    Computed a few rows at a time (:data:`CE_PIECE` logits), the backward pass recomputing each piece's logits, so
+    that no ``[R, V]`` array is made or kept: autograd's chain (logits, log-softmax, product, sum and their
+    gradients) made and kept several per draft step (150 MB each for 16 answers and the bundled target's 8192-token
+    draft vocabulary). An EAGLE-3 training step of 16 answers ran 3.7 s this way against 4.5 s (bfloat16, on an
+    Intel(R) Xeon(R) Processor with AMX, 2 cores); then only the rows to learn (:func:`_sequence_loss`), each piece
+    reading its rows of ``p`` where they lay (gathering ``p[rows]`` whole took 0.12 s a draft step): 2.8 s against
+    3.8 s (median of 12 steps, interleaved, same CPU). The teacher's ``p`` only where the next token is one to learn:
+    136 against 202 ms a batch of stage-A answers (median of 12, interleaved, same CPU). Reading ``pw`` (``H``
+    numbers a row) instead of ``p`` (``V``), with no argmax while training: 5.36 against 5.54 s a step of 16 stage-B
+    answers, 4.42 against 4.70 of stage-A (medians of 5, interleaved, same CPU; gradients equal to 7e-4).
     The logits are in the autocast dtype where autocast is on (as ``s @ w`` would be), the softmax in float32."""
 
     @staticmethod
-    def forward(ctx, s, w, p, rows):
+    def forward(ctx, s, w, pw, rows, greedy=True):
         kind = s.device.type
         dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else s.dtype
         w = w.to(dtype)
-        ce, top = s.new_empty(s.shape[0], dtype=torch.float32), s.new_empty(s.shape[0], dtype=torch.long)
+        lse = s.new_empty(s.shape[0], dtype=torch.float32)
+        top = s.new_empty(s.shape[0], dtype=torch.long) if greedy else None
         for piece in _pieces(s.shape[0], w.shape[1]):
-            logq = torch.log_softmax((s[piece].to(dtype) @ w).float(), dim=-1)
-            ce[piece] = -(p[rows[piece]] * logq).sum(-1)
-            top[piece] = logq.argmax(-1)
-        ctx.save_for_backward(s, w, p, rows)
-        ctx.mark_non_differentiable(top)
+            z = (s[piece].to(dtype) @ w).float()
+            lse[piece] = z[:, 0] - torch.log_softmax(z, dim=-1)[:, 0]
+            if greedy:
+                top[piece] = z.argmax(-1)
+        ce = lse - (s.float() * pw[rows]).sum(-1)
+        ctx.save_for_backward(s, w, pw, rows)
+        if greedy:
+            ctx.mark_non_differentiable(top)
         return ce, top
 
     @staticmethod
     def backward(ctx, grad, _):
-        s, w, p, rows = ctx.saved_tensors
+        s, w, pw, rows = ctx.saved_tensors
         ds = torch.empty_like(s)
         for piece in _pieces(s.shape[0], w.shape[1]):
-            dz = torch.softmax((s[piece].to(w.dtype) @ w).float(), dim=-1).sub_(p[rows[piece]]).mul_(grad[piece, None])
-            ds[piece] = (dz.to(w.dtype) @ w.T).to(s.dtype)
-        return ds, None, None, None
+            q = torch.softmax((s[piece].to(w.dtype) @ w).float(), dim=-1).mul_(grad[piece, None])
+            ds[piece] = ((q.to(w.dtype) @ w.T).float() - grad[piece, None] * pw[rows[piece]]).to(s.dtype)
+        return ds, None, None, None, None
 
 
 CE_PIECE = 1 << 20  # logits in a piece of _DraftCrossEntropy: 4 MB of float32, which the caches hold
@@ -552,12 +564,13 @@ def _pieces(num_rows: int, vocab: int) -> list:
     return [slice(a, a + step) for a in range(0, num_rows, step)]
 
 
-def _sequence_loss(head, embed, lm_head_t, vocab_map, hidden, ids, answer, p, top, unroll, weights):
+def _sequence_loss(head, embed, lm_head_t, vocab_map, hidden, ids, answer, p, top, unroll, weights, greedy=True):
     """Unrolled soft cross-entropy where the predicted token is one to learn (``answer``): step j's state
-    (:func:`_draft_states`) predicts token t+j+1 (:class:`_DraftCrossEntropy`). Also whether each step's greedy draft
-    is the target's greedy token, and which seeds' whole drafts lie in the tokens to learn. ``p``: the teacher's
-    distributions and their rows (:func:`_teacher_p`)."""
-    p, p_rows = p
+    (:func:`_draft_states`) predicts token t+j+1 (:class:`_DraftCrossEntropy`). With ``greedy`` (validation) also
+    whether each step's greedy draft is the target's greedy token (else ``None``), and which seeds' whole drafts lie
+    in the tokens to learn. ``p``: what the loss reads of the teacher's distributions, and their rows
+    (:func:`_teacher_p`)."""
+    pw, p_rows = p
     n = ids.shape[1] - unroll
     masks = [torch.nn.functional.pad(answer[:, j + 1: j + 1 + n], (0, max(0, n - answer.shape[1] + j + 1)))
              for j in range(1, unroll + 1)]  # step j from seed t drafts token t+j+1: one to learn?
@@ -569,13 +582,14 @@ def _sequence_loss(head, embed, lm_head_t, vocab_map, hidden, ids, answer, p, to
         # would cost as much and count for nothing); elsewhere the draft is -2 (no token)
         b, i = (real & m[rows, seeds]).nonzero(as_tuple=True)
         t = seeds[b, i]
-        ce, picked = _DraftCrossEntropy.apply(s[b, i], lm_head_t, p, p_rows[b, t + j])
-        draft = torch.full_like(top[:, j:n + j], -2)
-        draft[b, t] = picked
+        ce, picked = _DraftCrossEntropy.apply(s[b, i], lm_head_t, pw, p_rows[b, t + j], greedy)
         losses.append(ce.sum() / m.sum().clamp_min(1))
-        matches.append(vocab_map[top[:, j:n + j]] == draft)
+        if greedy:
+            draft = torch.full_like(top[:, j:n + j], -2)
+            draft[b, t] = picked
+            matches.append(vocab_map[top[:, j:n + j]] == draft)
     loss = sum(w * l for w, l in zip(weights, losses)) / sum(weights)
-    return loss, torch.stack(matches), masks[0] & masks[-1]
+    return loss, torch.stack(matches) if greedy else None, masks[0] & masks[-1]
 
 
 def make_head(spec, target):
@@ -854,7 +868,7 @@ def train_on_sequences(target, sequences, out_dir, *, heads=((2, None),), draft_
                     g["lr"] = lr * schedule(step)
                 with mixed():
                     loss, _, _ = _sequence_loss(h, embed_f, lm_head_t, vocab_map, hidden, ids, answer, p, top, unroll,
-                                                weights)
+                                                weights, greedy=False)
                 o.zero_grad()
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(h.parameters(), 1.0)

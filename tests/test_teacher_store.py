@@ -25,9 +25,10 @@ def plain_draft_loss(s, w, p):
 
 @pytest.mark.parametrize("piece", [1 << 20, 3 * 50 + 7], ids=["one-piece", "ragged-pieces"])
 def test_the_draft_cross_entropy_equals_autograds(monkeypatch, piece):
-    """Loss, greedy draft and gradient of ``s`` equal the plain chain against the teacher rows each row picks, also
-    when the rows are cut into pieces that do not divide them (3 rows of 50 logits and change: 3-row pieces over 37
-    rows), and the picked rows are out of order and repeat."""
+    """Loss, greedy draft and gradient of ``s`` equal the plain chain against the teacher rows each row picks (read
+    through the LM-head row each expects, ``p @ wᵀ``), also when the rows are cut into pieces that do not divide
+    them (3 rows of 50 logits and change: 3-row pieces over 37 rows), and the picked rows are out of order and
+    repeat."""
     monkeypatch.setattr(train, "CE_PIECE", piece)
     gen = torch.Generator().manual_seed(0)
     s = torch.randn(37, 8, generator=gen)
@@ -36,13 +37,15 @@ def test_the_draft_cross_entropy_equals_autograds(monkeypatch, piece):
     rows = torch.randint(60, (37,), generator=gen)
     g = torch.rand(37, generator=gen)  # a weight per row, as the masked mean gives
     got_s, want_s = s.clone().requires_grad_(), s.clone().requires_grad_()
-    got, got_top = train._DraftCrossEntropy.apply(got_s, w, p, rows)
+    got, got_top = train._DraftCrossEntropy.apply(got_s, w, p @ w.T, rows)
     want, want_top = plain_draft_loss(want_s, w, p[rows])
     (got * g).sum().backward()
     (want * g).sum().backward()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(got_top, want_top)
     torch.testing.assert_close(got_s.grad, want_s.grad, rtol=1e-5, atol=1e-6)
+    again, no_top = train._DraftCrossEntropy.apply(s, w, p @ w.T, rows, False)  # training: no argmax
+    assert no_top is None and torch.equal(again, got.detach())
 
 
 def test_own_rows_join_the_attention_as_the_masked_blocks_did():
