@@ -499,7 +499,7 @@ def _draft_states(head, embed, hidden, ids, unroll, seeds=None):
 def _seeds(masks) -> tuple:
     """The seed positions some draft step learns from (``masks``: per step ``[B, n]``, whether the token it drafts
     is one to learn), ascending per row and padded to the row with most (``[B, W]``), and which are real (the
-    padding repeats a row's first position and learns nothing). Only these meet the head: stage-B prompts quote
+    padding is position 0 and learns nothing). Only these meet the head: stage-B prompts quote
     whole answers, so most positions of a batch are prompt."""
     wanted = torch.stack(masks).any(0)
     width = max(1, int(wanted.sum(1).max()))
