@@ -209,7 +209,7 @@ TEACHER_TOKENS = 512  # rows of the target's logits over its whole vocabulary ta
 def _teacher(model, ids, mask, hidden=True):
     """What the heads learn from, per position: the target's hidden states (``hidden``: ``True`` for the last ones,
     or layer ids, as the head reads them), its final hidden state (the LM head's input: the teacher's logits on the
-    draft vocabulary are ``final @ lm_head_t``, see :func:`_teacher_p`) and its greedy next token (argmax over the
+    draft vocabulary are ``final @ lm_head_t``, see :func:`_teacher_rows`) and its greedy next token (argmax over the
     whole vocabulary, :data:`TEACHER_TOKENS` rows of logits at a time: all of them at once would be the peak of a
     training step's memory)."""
     with last_hidden(model, hidden) as got, last_hidden(model, True) as last:
@@ -220,7 +220,7 @@ def _teacher(model, ids, mask, hidden=True):
     return got.hidden(o).float(), final.float(), top.view(final.shape[:-1])
 
 
-def _teacher_p(final, lm_head_t, answer):
+def _teacher_rows(final, lm_head_t, answer):
     """What the draft loss needs of the target's next-token distribution on the draft vocabulary (``p``: its
     softmax restricted and renormalised, ``softmax(final @ lm_head_t)``): the LM-head row it expects, ``p @ lm_head_tᵀ``
     (the cross-entropy ``-p · log softmax(s @ lm_head_t)`` is ``logsumexp(s @ lm_head_t) - s · (p @ lm_head_tᵀ)``
@@ -234,7 +234,7 @@ def _teacher_p(final, lm_head_t, answer):
     for piece in final[needed].split(max(1, CE_PIECE // lm_head_t.shape[1])):
         p = torch.softmax((piece @ lm_head_t).float(), dim=-1)
         with torch.autocast(final.device.type, enabled=False):  # float32: the gradient is a difference against it
-            pw.append(p @ lm_head_t.float().T)
+            pw.append(p @ lm_head_t.T)
     return torch.cat(pw), rows
 
 
@@ -511,7 +511,7 @@ def _seeds(masks) -> tuple:
 class _DraftCrossEntropy(torch.autograd.Function):
     """Per row r of ``s`` ``[R, H]``: the soft cross-entropy of the draft logits ``z = s[r] @ w`` (``w`` ``[H, V]``:
     the target's frozen LM head on the draft vocabulary) against the teacher's distribution ``p``, from the row it
-    expects ``pw[rows[r]]`` (``pw = p @ wᵀ``, :func:`_teacher_p`): ``logsumexp(z) - s[r] · pw[rows[r]]``, and with
+    expects ``pw[rows[r]]`` (``pw = p @ wᵀ``, :func:`_teacher_rows`): ``logsumexp(z) - s[r] · pw[rows[r]]``, and with
     ``greedy`` the draft ``argmax(z)`` (not differentiable; else ``None``). Only ``s`` gets a gradient:
     ``(softmax(s @ w) @ wᵀ - pw[rows]) * grad``.
 
@@ -569,7 +569,7 @@ def _sequence_loss(head, embed, lm_head_t, vocab_map, hidden, ids, answer, p, to
     (:func:`_draft_states`) predicts token t+j+1 (:class:`_DraftCrossEntropy`). With ``greedy`` (validation) also
     whether each step's greedy draft is the target's greedy token (else ``None``), and which seeds' whole drafts lie
     in the tokens to learn. ``p``: what the loss reads of the teacher's distributions, and their rows
-    (:func:`_teacher_p`)."""
+    (:func:`_teacher_rows`)."""
     pw, p_rows = p
     n = ids.shape[1] - unroll
     masks = [torch.nn.functional.pad(answer[:, j + 1: j + 1 + n], (0, max(0, n - answer.shape[1] + j + 1)))
@@ -805,7 +805,7 @@ def train_on_sequences(target, sequences, out_dir, *, heads=((2, None),), draft_
             hidden, final, top = (torch.nn.utils.rnn.pad_sequence([cache[i][k] for i in idx], batch_first=True)
                                   .to(device) for k in range(3))
         with mixed():
-            return ids, answer, hidden, _teacher_p(final, lm_head_t, answer), top
+            return ids, answer, hidden, _teacher_rows(final, lm_head_t, answer), top
 
     def validate():
         for h in nets:

@@ -371,7 +371,7 @@ def test_the_head_runs_only_where_a_draft_is_learned(spec, monkeypatch):
     ids, mask, answer = train._pad_batch(seqs, 0, "cpu")
     hidden, final, top = train._teacher(target.model, ids, mask, request)
     lm_head_t, vocab_map = train._draft_head(target, None)
-    p = train._teacher_p(final, lm_head_t, answer)
+    pw = train._teacher_rows(final, lm_head_t, answer)
     embed = lambda x: target.model.get_input_embeddings()(x).detach().float()  # noqa: E731
     unroll, n = 3, ids.shape[1] - 3
 
@@ -381,7 +381,7 @@ def test_the_head_runs_only_where_a_draft_is_learned(spec, monkeypatch):
     def run(seeds):
         monkeypatch.setattr(train, "_seeds", seeds)
         head.zero_grad()
-        loss, matches, m = train._sequence_loss(head, embed, lm_head_t, vocab_map, hidden, ids, answer, p, top,
+        loss, matches, m = train._sequence_loss(head, embed, lm_head_t, vocab_map, hidden, ids, answer, pw, top,
                                                 unroll, [1.0, 0.8, 0.64])
         loss.backward()
         return [loss, matches, m, *(q.grad.clone() for q in head.parameters() if q.grad is not None)]
@@ -419,7 +419,7 @@ def test_decoded_acceptance_is_what_the_decoder_measures(trained):
     hidden, final, top = train._teacher(target.model, ids, mask, drafter.hidden_layers)
     with torch.no_grad():
         _, matches, _ = train._sequence_loss(drafter.head, lambda x: embed(x).float(), lm_head_t, vocab_map, hidden,
-                                             ids, answer, train._teacher_p(final, lm_head_t, answer), top, 4, [1.0] * 4)
+                                             ids, answer, train._teacher_rows(final, lm_head_t, answer), top, 4, [1.0] * 4)
     length = 30  # answers cut at 30 of their 40 tokens: seeds exist up to their end
     cut = answer & (torch.arange(ids.shape[1]) < 6 + length)
     for gamma in (1, 3):

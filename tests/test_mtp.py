@@ -300,7 +300,7 @@ def reference_loss(target, head, vocab_ids, seqs, unroll, weights):
 
 @pytest.mark.parametrize("vocab_ids", [None, list(range(0, 64, 3)) + [1, 5]], ids=["whole-vocab", "draft-vocab"])
 def test_the_training_loss_is_the_unrolled_self_distillation_loss(trained_seq, vocab_ids):
-    from mtplab.train import _draft_head, _pad_batch, _sequence_loss, _teacher, _teacher_p
+    from mtplab.train import _draft_head, _pad_batch, _sequence_loss, _teacher, _teacher_rows
 
     target, seqs, _, drafters = trained_seq
     seqs = [(seqs[0][0], 3), (seqs[1][0][:30], 8), (seqs[2][0][:20], 0)]  # lengths differ (padding), starts too
@@ -310,10 +310,10 @@ def test_the_training_loss_is_the_unrolled_self_distillation_loss(trained_seq, v
     ids, mask, answer = _pad_batch(seqs, 0, "cpu")
     hidden, final, top = _teacher(target.model, ids, mask)
     lm_head_t, vocab_map = _draft_head(target, ids_t)
-    p = _teacher_p(final, lm_head_t, answer)  # only where the next token is one to learn
+    pw = _teacher_rows(final, lm_head_t, answer)  # only where the next token is one to learn
     with torch.no_grad():
         loss, matches, seeds = _sequence_loss(head, lambda x: target.model.get_input_embeddings()(x).float(),
-                                              lm_head_t, vocab_map, hidden, ids, answer, p, top, 4, weights)
+                                              lm_head_t, vocab_map, hidden, ids, answer, pw, top, 4, weights)
         want_loss, want_matches = reference_loss(target, head, None if ids_t is None else ids_t.tolist(), seqs, 4,
                                                  weights)
     torch.testing.assert_close(loss, want_loss, rtol=1e-4, atol=1e-5)
