@@ -133,11 +133,16 @@ def cmd_train_drafter(args) -> None:
                                    limit=args.max_prompts)
     else:
         seqs = docs_sequences(target, max_tokens=args.max_tokens, block_size=args.block_size)
+    val = None
+    if args.val == "dev":
+        from .datagen import dev_answers
+
+        val = dev_answers(target, f"{args.out}/data")
     print(f"{len(seqs)} sequences, {sum(len(ids) - s for ids, s in seqs)} tokens to learn "
           f"({time.perf_counter() - t0:.0f} s)")
     drafter = train_on_sequences(target, seqs, args.out, heads=heads,
                                  draft_vocab_size=args.draft_vocab, unroll=args.unroll, steps=args.steps,
-                                 batch_size=args.batch_size, lr=args.lr, precision=args.precision,
+                                 batch_size=args.batch_size, lr=args.lr, precision=args.precision, val_sequences=val,
                                  cache_teacher=f"{args.out}/teacher" if args.teacher_store else False,
                                  reuse_teacher=[f"{args.init_from}/teacher"] if args.init_from else (),
                                  init_from=args.init_from,
@@ -255,6 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--teacher-store", action="store_true",
                        help="run the target over the data once and keep its outputs on disk (OUT/teacher, a few KB a "
                        "token), so that training steps run only the head")
+    train.add_argument("--val", choices=("held-out", "dev"), default="held-out",
+                       help="validate on: held-out, 1/10 of the data (at most 64 sequences) held out at random "
+                       "(quick; they can share prompts with training answers); dev, the target's greedy answers to "
+                       "the 30 dev prompts (OUT/data/dev_greedy, minutes to generate on a CPU; like the bench, no "
+                       "prompt shared with the data)")
     train.add_argument("--init-from", default=None, metavar="RUN",
                        help="start from another training run's folder (its heads, optimizer and draft vocabulary; "
                        "the same target and heads) with a fresh schedule, e.g. once the data has grown; or from a "

@@ -302,6 +302,21 @@ def load_sequences(*dirs) -> list:
     return seqs
 
 
+def dev_answers(target, out_dir, *, max_new_tokens: int = 256, precision: str = "float32", progress: bool = True,
+                log=print) -> list:
+    """The target's greedy answers to the 30 dev prompts (:func:`mtplab.bench.load_prompts` ``"dev"``: the bench's
+    ten kinds on other topics, none of them a training prompt, though a few topics, e.g. seasons or houseplants,
+    come up in training prompts too), written to ``out_dir/dev_greedy`` (a re-run reads them back): sequences to
+    validate a drafter on (:func:`mtplab.train.train_on_sequences`'s ``val_sequences``) that share no prompt and no
+    answer with the corpus, as the bench prompts share none. A few minutes on a CPU."""
+    from .bench import load_prompts
+
+    prompts = [p["prompt"] for p in load_prompts("dev")]
+    folder = generate_answers(target, prompts, Path(out_dir) / "dev_greedy", batch_size=len(prompts),
+                              max_new_tokens=max_new_tokens, precision=precision, progress=progress, log=log)
+    return load_sequences(folder)
+
+
 def decoded_pairs(target, seqs) -> list:
     """``(prompt text, answer text)`` for sequences from :func:`load_sequences` (answers without special tokens)."""
     tok = target.tokenizer

@@ -638,6 +638,9 @@ def _describe(key, value) -> str:
             else f"{h['num_layers']}x{h['intermediate_size']}" + "+ctx" * h["context_attention"] for h in value)
     if key == "dtype":
         return f"teacher precision {value or 'unrecorded'}"
+    if key == "val_data":
+        return ("validation on held-out training sequences" if value is None else
+                f"validation on {value['sequences']} given sequences (sha256 {value['sha256'][:12]})")
     if key == "data":
         return (f"data of {value['sequences']} sequences, {value['tokens']} tokens, {value['answer_tokens']} trained on "
                 f"(sha256 {value['sha256'][:12]})")
@@ -651,16 +654,18 @@ def _check_same_run(ckpt: Path, saved: dict | None, run: dict) -> None:
     if saved is None:
         raise ValueError(f"{ckpt} was written by an older mtplab trainer and does not record what it was trained on, "
                          f"so it cannot be resumed safely. Use another output folder (--out) or delete {ckpt}.")
-    diff = [k for k in run if saved.get(k) != run[k]]
+    diff = [k for k in dict.fromkeys([*run, *saved]) if saved.get(k) != run.get(k)]
     if diff:
         raise ValueError(f"{ckpt} belongs to another run: it was trained with "
-                         + "; ".join(f"{_describe(k, saved.get(k))}, not {_describe(k, run[k])}" for k in diff)
+                         + "; ".join(f"{_describe(k, saved.get(k))}, not {_describe(k, run.get(k))}"
+                                     for k in diff)
                          + f". {how}")
 
 
 def train_on_sequences(target, sequences, out_dir, *, heads=((2, None),), draft_vocab_size: int | None = 8192,
                        unroll: int = 4, steps: int = 2000, batch_size: int = 16, lr: float = 2e-3,
-                       val_size: int = 64, log_every: int = 100, checkpoint_every: int = 200,
+                       val_size: int = 64, val_sequences: list | None = None, log_every: int = 100,
+                       checkpoint_every: int = 200,
                        time_budget: float | None = None, restart: bool = False,
                        cache_teacher: bool | str | Path = False, reuse_teacher=(), init_from: str | Path | None = None,
                        precision: str = "float32", seed: int = 0, progress: bool = True, log=print) -> list:
@@ -671,7 +676,12 @@ def train_on_sequences(target, sequences, out_dir, *, heads=((2, None),), draft_
     :class:`MTPHead`, ``"eagle3"`` for an :class:`~mtplab.drafters.eagle.Eagle3Head`); all see the same batches (one
     target pass), so they must read the same hidden states. ``draft_vocab_size``: the draft vocabulary (:func:`draft_vocabulary` of the
     training split; ``None``: the whole vocabulary). ``unroll``: steps ahead trained with the head's own fed-back
-    state. ``val_size`` sequences (at most a tenth) are held out, chosen by ``seed``; every ``log_every`` steps their
+    state. ``val_size`` sequences (at most a tenth) are held out, chosen by ``seed``, unless ``val_sequences`` are
+    given: sequences to validate on instead (e.g. the target's answers to the dev prompts,
+    :func:`mtplab.datagen.dev_answers`), and every one of ``sequences`` is trained on. Held out at random, a
+    validation answer can answer a training prompt too (the corpus answers each prompt greedily and sampled) or be
+    quoted in one (stage B asks about stage A's answers), so its acceptance partly measures memorisation: on the CPU
+    corpus it rose to 2.30 while the bench stayed near 1.6. Every ``log_every`` steps the validation sequences'
     loss, greedy acceptance per position over every position (:func:`conditional_acceptance`,
     :func:`vllm_acceptance`) and the rounds the decoder would run at γ = 3 (``"decoded"``: mean acceptance length and
     per position, :func:`decoded_acceptance`: what the bench measures, lower) go to the history and ``log``. Every
@@ -680,11 +690,11 @@ def train_on_sequences(target, sequences, out_dir, *, heads=((2, None),), draft_
 
     A re-run in ``out_dir`` resumes the run where its checkpoint left it, with the same batches and schedule, so it
     ends where the run would have ended uninterrupted (unless ``time_budget`` refits the schedule); a checkpoint of
-    other data, another target, other heads or another ``draft_vocab_size`` / ``unroll`` / ``seed`` / ``val_size``
-    is refused with a ``ValueError``. ``batch_size``, ``lr``, ``steps`` and ``time_budget`` may change on resume: a
-    new ``steps`` makes the run end at that many steps in all; a new ``batch_size`` applies to the batches drawn
-    after the resume (the up to :data:`GROUP` - 1 already drawn into the checkpoint keep the old size). Batches are
-    drawn :data:`GROUP` at a time, of like length (:func:`_length_grouped`).
+    other data, another target, other heads or another ``draft_vocab_size`` / ``unroll`` / ``seed`` / ``val_size`` /
+    ``val_sequences`` is refused with a ``ValueError``. ``batch_size``, ``lr``, ``steps`` and ``time_budget`` may
+    change on resume: a new ``steps`` makes the run end at that many steps in all; a new ``batch_size`` applies to
+    the batches drawn after the resume (the up to :data:`GROUP` - 1 already drawn into the checkpoint keep the old
+    size). Batches are drawn :data:`GROUP` at a time, of like length (:func:`_length_grouped`).
     ``time_budget`` (seconds): shorten the run to fit, measured over its first 20 steps (the schedule adapts).
     ``init_from``: another run's folder: a new run in ``out_dir`` starts from its checkpoint (the heads' weights and
     optimizer, its draft vocabulary and history) with a fresh schedule of ``steps``, on these ``sequences``: to go on
@@ -707,17 +717,25 @@ def train_on_sequences(target, sequences, out_dir, *, heads=((2, None),), draft_
     """
     from tqdm.auto import tqdm
 
-    if len(sequences) < 2:
-        raise ValueError(f"train_on_sequences needs at least 2 sequences (some are held out), got {len(sequences)}")
+    n_train = len(sequences)
+    if val_sequences is None and n_train < 2:
+        raise ValueError(f"train_on_sequences needs at least 2 sequences (some are held out), got {n_train}")
+    if val_sequences is not None and (not n_train or not val_sequences):
+        raise ValueError(f"train_on_sequences needs sequences to train on and val_sequences to validate on, got "
+                         f"{n_train} and {len(val_sequences)}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     out_dir = Path(out_dir)
     model = target.model
     device = model.device
     gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(sequences), generator=gen).tolist()
-    val_size = max(1, min(val_size, len(sequences) // 10))
-    val, train = order[:val_size], order[val_size:]  # indices into ``sequences``
+    order = torch.randperm(n_train, generator=gen).tolist()
+    if val_sequences is None:
+        val_size = max(1, min(val_size, n_train // 10))
+        val, train = order[:val_size], order[val_size:]  # indices into ``sequences``
+    else:  # validate on the given sequences, appended after the training ones
+        sequences, val_size = list(sequences) + list(val_sequences), len(val_sequences)
+        val, train = list(range(n_train, len(sequences))), order
     vocab_ids = draft_vocabulary([sequences[i] for i in train], draft_vocab_size)
     hidden_size = model.get_input_embeddings().weight.shape[1]
     torch.manual_seed(seed)
@@ -730,7 +748,9 @@ def train_on_sequences(target, sequences, out_dir, *, heads=((2, None),), draft_
     opts = [torch.optim.AdamW(h.parameters(), lr=lr, weight_decay=0.0) for h in nets]
     run = dict(target=dict(name=target.name, hidden_size=hidden_size, vocab_size=target.vocab_size),
                heads=[dict(h.config) for h in nets], draft_vocab_size=draft_vocab_size, unroll=unroll,
-               data=data_fingerprint(sequences), seed=seed, val_size=val_size)
+               data=data_fingerprint(sequences[:n_train]), seed=seed, val_size=val_size)
+    if val_sequences is not None:  # (absent otherwise, so that earlier runs' checkpoints resume)
+        run["val_data"] = data_fingerprint(sequences[n_train:])
     start, earlier, history, total, pending = 0, 0, [], steps, []
     lengths = [len(ids) for ids, _ in sequences]
     ckpt = out_dir / "checkpoint.pt"
@@ -920,7 +940,8 @@ def _start_from_drafter(path: Path, nets: list, run: dict, log) -> tuple:
     nets[0].load_state_dict(drafter.head.state_dict())  # (float16 weights as saved: copied into float32)
     steps = int(meta.get("steps") or 0)
     log(f"starting from the drafter in {path} ({steps} steps trained) on this data, with a fresh optimizer")
-    return drafter.vocab_ids, steps, list(meta.get("history") or [])
+    # (the history of a drafter saved before heads were trained side by side names no head: it had one)
+    return drafter.vocab_ids, steps, [dict(r, head=r.get("head", 0)) for r in meta.get("history") or []]
 
 
 GROUP = 8  # batches drawn at once and cut by length (_length_grouped)

@@ -6,8 +6,9 @@
 2. stage-B prompts about those answers and about standard-library docs -> greedy answers   OUT/b_greedy/
 3. the stage-A prompts again, sampled at T=0.7                                             OUT/a_t07/
 4. the stage-B prompts again, sampled at T=0.7 (added later, for >= 3 M answer tokens)     OUT/b_t07/
-5. MTP heads trained on all of it (mtplab.train.train_on_sequences)                        OUT/train/head*/
-6. the data packed as uint16 token arrays (OUT/data_*.npy) so training can be redone without generation.
+5. the target's greedy answers to the 30 dev prompts, to validate on (--val dev)           OUT/dev_greedy/
+6. MTP heads trained on all of it (mtplab.train.train_on_sequences)                        OUT/train/head*/
+7. the data packed as uint16 token arrays (OUT/data_*.npy) so training can be redone without generation.
 
 Every stage writes shards/checkpoints and skips what exists, so re-running the same command resumes. The time
 limits stop generation cleanly at a batch boundary and fit the training schedule. It runs on a CPU too, only far
@@ -68,6 +69,11 @@ ap.add_argument("--run", default="train", help="the training run's folder under 
 ap.add_argument("--init-from", default=None, metavar="RUN", help="start from the run OUT/RUN (e.g. train, on a smaller "
                "corpus: its heads, optimizer and draft vocabulary) with a fresh schedule; or from a saved drafter's "
                "folder (a path: its head and draft vocabulary, a fresh optimizer), e.g. one shipped in mtplab/data")
+ap.add_argument("--val", choices=("dev", "held-out"), default="dev", help="what validation measures: dev (default), "
+               "the target's greedy answers to the 30 dev prompts (OUT/dev_greedy, generated first: no prompt or "
+               "answer shared with the corpus, as the bench shares none); held-out, 64 corpus sequences held out at "
+               "random (runs begun before --val: they can share a prompt with training answers, so validation "
+               "overstated the bench)")
 ap.add_argument("--packed", default=None, metavar="DIR", help="a folder of packed stages (data/answers in the repo): "
                "stages OUT lacks are unpacked from it before generating, and stages that grew are packed into it "
                "after (one tar.xz a stage, ~0.5 MB a million answer tokens), so the corpus outlives the machine")
@@ -105,11 +111,14 @@ for name in datagen.STAGES:  # the token data as plain arrays, to re-train witho
 if args.device.startswith("cuda"):
     torch.backends.cuda.matmul.allow_tf32 = True  # the teacher's features: TF32 is plenty, 3-4x faster than fp32
 heads = parse_heads(args.heads)
+val = datagen.dev_answers(target, out, max_new_tokens=args.max_new_tokens, progress=False, log=log) \
+    if args.val == "dev" else None
 store = out / ("teacher" if args.run == "train" else f"{args.run}_teacher")
 train_on_sequences(target, sequences, out / args.run, heads=heads, draft_vocab_size=args.draft_vocab,
                    steps=args.steps, batch_size=args.train_batch, lr=args.lr, time_budget=60 * args.train_minutes,
                    restart=args.restart, init_from=None if args.init_from is None else out / args.init_from,
-                   precision=args.precision, log_every=200, checkpoint_every=200, log=log, progress=False,
+                   precision=args.precision, val_sequences=val, log_every=200, checkpoint_every=200, log=log,
+                   progress=False,
                    cache_teacher=store if args.teacher_store else False,
                    reuse_teacher=[p for p in sorted(out.glob("*teacher")) if p != store])  # earlier runs' stores
 log("done")

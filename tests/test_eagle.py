@@ -270,6 +270,38 @@ def test_the_trainer_refuses_mixed_heads_and_other_runs(trained, tmp_path):
         train_on_sequences(target, seqs, tmp_path, heads=[dict(kind="eagle3", layers=3)], **QUIET)
 
 
+def test_validation_reads_exactly_the_given_sequences_and_never_trains_on_them(trained, tmp_path):
+    """``val_sequences``: validation reads exactly them (the default split's held-out sequences given this way
+    score what they scored held out: the same head at learning rate 0, the same draft vocabulary) and training
+    never does (two runs that differ only in them train the same head, and validate differently); resuming with
+    other validation sequences, or without, is refused."""
+    target, seqs, _, _ = trained
+    kw = dict(heads=["eagle3"], draft_vocab_size=48, batch_size=8, log_every=1, checkpoint_every=1, **QUIET)
+    order = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(0)).tolist()
+    held, rest = [seqs[i] for i in order[:4]], [seqs[i] for i in order[4:]]  # (val_size: at most a tenth)
+    split = train_on_sequences(target, seqs, tmp_path / "split", steps=1, lr=0.0, val_size=4, **kw)[0]
+    given = train_on_sequences(target, rest, tmp_path / "given", steps=1, lr=0.0, val_sequences=held, **kw)[0]
+    assert torch.equal(given.vocab_ids, split.vocab_ids)
+    for key in ("val_loss", "conditional_acceptance", "decoded"):
+        assert given.history[-1][key] == split.history[-1][key], key
+
+    kw.update(lr=3e-3, log_every=10, checkpoint_every=10)
+    a = train_on_sequences(target, rest, tmp_path / "a", steps=10, val_sequences=held, **kw)[0]
+    b = train_on_sequences(target, rest, tmp_path / "b", steps=10, val_sequences=rest[:6], **kw)[0]
+    for (name, x), y in zip(a.head.state_dict().items(), b.head.state_dict().values()):
+        assert torch.equal(x, y), name
+    assert a.history[-1]["val_loss"] != b.history[-1]["val_loss"]
+    with pytest.raises(ValueError, match=r"validation on 4 given sequences \(sha256 \w{12}\), not validation on 6 "
+                                         r"given sequences"):
+        train_on_sequences(target, rest, tmp_path / "a", steps=20, val_sequences=rest[:6], **kw)
+    with pytest.raises(ValueError, match=r"given sequences \(sha256 \w{12}\), not validation on held-out training"):
+        train_on_sequences(target, rest, tmp_path / "a", steps=20, val_size=6, **kw)
+    more = train_on_sequences(target, rest, tmp_path / "a", steps=20, val_sequences=held, **kw)[0]
+    assert [h["step"] for h in more.history] == [10, 20]
+    with pytest.raises(ValueError, match="needs sequences to train on and val_sequences to validate on, got 36 and 0"):
+        train_on_sequences(target, rest, tmp_path / "c", val_sequences=[], **kw)
+
+
 @pytest.mark.slow
 def test_greedy_eagle_equals_plain_on_the_bundled_target(bundled):
     """A fresh EAGLE-3 head over layers 2, 15 and 27 of the bundled 30-layer target: whatever it drafts, the output
@@ -456,11 +488,12 @@ def test_a_run_starts_from_another_runs_heads_on_other_data(trained, tmp_path):
 def test_a_run_starts_from_a_saved_drafter(trained, tmp_path):
     """``init_from`` a saved drafter's folder (as shipped: no run, no optimizer): its head and draft vocabulary, a
     fresh optimizer (at learning rate 0 the head stays exactly the saved float16 one), the history goes on from its
-    steps; a drafter of another head is refused."""
+    steps (a history saved without head numbers, as the shipped `mtp` head's, is read as head 0); a drafter of
+    another head is refused."""
     target, seqs, out, drafter = trained
     kw = dict(heads=["eagle3"], draft_vocab_size=48, batch_size=8, val_size=4, log_every=1, **QUIET)
-    shipped = drafter.save(tmp_path / "shipped", dtype=torch.float16, target=target.name, steps=90,
-                           history=drafter.history)
+    old = [{k: v for k, v in h.items() if k != "head"} for h in drafter.history]  # (as mtp-smollm2-135m's)
+    shipped = drafter.save(tmp_path / "shipped", dtype=torch.float16, target=target.name, steps=90, history=old)
     again = train_on_sequences(target, seqs[:30], tmp_path / "more", steps=1, lr=0.0, init_from=shipped, **kw)[0]
     for (name, a), b in zip(again.head.state_dict().items(), drafter.head.state_dict().values()):
         assert torch.equal(a, b.half().float()), name

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 import mtplab
+from mtplab import datagen
+from mtplab.bench import load_prompts
 from mtplab.cli import main
 from mtplab.drafters.eagle import Eagle3Drafter
 from mtplab.drafters.mtp import MTPDrafter
@@ -32,8 +34,14 @@ def test_the_one_command_makes_a_drafter_that_loads_decodes_exactly_and_exports(
     log = make(out, 4, heads)
     assert "a_greedy: 6 sequences, 72 answer tokens" in log and log.rstrip().endswith("done")
     shards = {p: p.stat().st_mtime_ns for p in out.glob("*/shard_*.pt")}
-    assert {p.parent.name for p in shards} == {"a_greedy", "b_greedy", "a_t07", "b_t07"}
+    assert {p.parent.name for p in shards} == {"a_greedy", "b_greedy", "a_t07", "b_t07", "dev_greedy"}
     assert (out / "data_a_greedy_tokens.npy").exists()
+    # validated on the target's answers to the dev prompts (--val dev, the default), none of them a training prompt
+    dev = datagen.load_sequences(out / "dev_greedy")
+    prompts = sorted(datagen.chat_ids(bundled.tokenizer, p["prompt"]) for p in load_prompts("dev"))
+    assert sorted(ids[:s] for ids, s in dev) == prompts and all(len(ids) - s >= 1 for ids, s in dev)
+    trained_on = {tuple(ids[:s]) for ids, s in datagen.load_sequences(*(out / n for n in datagen.STAGES))}
+    assert trained_on and not trained_on & {tuple(p) for p in prompts}
 
     again = make(out, 6, heads)  # the same command with more steps: no data made again, training resumes
     assert "resuming from step 4 of 6" in again and "step 6 head 0 " in again

@@ -463,6 +463,13 @@ def test_both_kinds_of_data_train_through_the_one_trainer(tmp_path, monkeypatch,
     with pytest.raises(SystemExit) as e:
         cli.main(args + ["--out", str(tmp_path / "docs"), "--data", "answers"])
     assert e.value.code == 2 and "belongs to another run: it was trained with data of 12 sequences" in capsys.readouterr().err
+    # --val dev: validated on the target's answers to the dev prompts, trained on all the data
+    dev = sampled_sequences(target, 4, 20, seed=200)
+    monkeypatch.setattr(datagen, "dev_answers", lambda target, out: dev)
+    assert cli.main(args + ["--out", str(tmp_path / "dev"), "--val", "dev"]) == 0
+    run = torch.load(tmp_path / "dev" / "checkpoint.pt", weights_only=True)["run"]
+    assert run["val_data"] == train.data_fingerprint(dev) and run["data"] == train.data_fingerprint(docs)
+    assert "val_data" not in torch.load(tmp_path / "docs" / "checkpoint.pt", weights_only=True)["run"]
 
 
 @pytest.mark.slow
