@@ -391,7 +391,8 @@ def cost_report(target, drafters=("mtp", "prompt-lookup"), layers: int | None = 
     if plan:
         lines += ["  " + line for line in plan.describe().splitlines()]
     if fusable:
-        lines.append(f"C kernel block widths (weight rows read together, by rows of x): {kernels.describe_widths()}")
+        lines.append(f"C kernel: {kernels.vector_lanes()} float lanes a vector; block widths (weight rows read together, "
+                     f"by rows of x): {kernels.describe_widths()}")
     rows = list(passes["plain"])
     lean = fastpath.unsupported(target.model) is None
     if lean:  # transformers' forward as it ships, timed interleaved with mtplab's lean one (both with F.linear)

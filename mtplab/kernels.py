@@ -162,7 +162,7 @@ def _load_stream() -> str | None:
     if cc is None:
         _STREAM_ERROR = "no C compiler (cc, gcc or clang) on PATH"
         return _STREAM_ERROR
-    flags = ["-O3", "-march=native", "-shared", "-fPIC"]
+    flags = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC"]
     digest = hashlib.sha256(src.read_bytes() + " ".join([cc, *flags, machine_key()]).encode()).hexdigest()[:16]
     lib = cache_dir() / f"few_rows-{digest}.so"
     if not lib.exists():
@@ -188,6 +188,7 @@ def _load_stream() -> str | None:
         getattr(handle, name).argtypes, getattr(handle, name).restype = args, None
     handle.mtplab_set_block_width.argtypes, handle.mtplab_set_block_width.restype = [L, L], ctypes.c_int
     handle.mtplab_block_width.argtypes, handle.mtplab_block_width.restype = [L], L
+    handle.mtplab_vector_lanes.argtypes, handle.mtplab_vector_lanes.restype = [], L
     if hasattr(handle, "mtplab_mtp_step"):  # only where the compiler knows _Float16 (GCC 12+, Clang)
         handle.mtplab_mtp_step.argtypes = [P, P, L, L, L, L, L, P, F32, P, P, P, P, P, P, P, I]
         handle.mtplab_mtp_step.restype = None
@@ -799,6 +800,14 @@ def choose_widths(seconds: dict) -> dict:
 def describe_widths() -> str:
     """This process's block widths by row count, as runs: ``"1-4: 4, 5-8: 2, 9-16: 1"``."""
     return by_rows([block_width(n) for n in range(1, MAX_ROWS + 1)])
+
+
+def vector_lanes() -> int:
+    """Float lanes of the C kernel's vectors as compiled here: the machine's own width (16 with AVX-512, 8 with
+    AVX2, 4 with SSE or NEON). The order of its float sums follows it."""
+    if _load_stream() is not None:
+        raise RuntimeError(f"mtplab's C kernel is not available: {_STREAM_ERROR}")
+    return int(_LIB.mtplab_vector_lanes())
 
 
 def tune_widths(model: nn.Module, run_pass: Callable[[int], None], refresh: bool = False, progress: bool = True,

@@ -2,6 +2,7 @@
 mtplab's own forward, and refused with a clear error for a bad MTPLAB_KERNELS."""
 import io
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -247,7 +248,8 @@ def default_widths():
 
 def test_block_width_never_changes_a_result(default_widths):
     """Every width the C kernel has for a row count gives the same numbers bit for bit (each output is summed in the
-    same order), on awkward shapes: outputs not a multiple of 4, inputs not a multiple of 16."""
+    same order), on awkward shapes: outputs not a multiple of 4, inputs not a multiple of the vector width. (GCC fused
+    products into FMAs in some blocks and not others until the file was compiled with -ffp-contract=off.)"""
     torch.manual_seed(1)
     w = torch.randn(37, 45)
     for n in range(1, kernels.MAX_ROWS + 1):
@@ -261,6 +263,18 @@ def test_block_width_never_changes_a_result(default_widths):
         kernels.set_block_width(n, default_widths[n])
     assert kernels.width_options(1) == [1, 2, 4] and kernels.width_options(5) == [1, 2]
     assert kernels.width_options(9) == [1]
+
+
+def test_the_c_kernel_uses_the_machines_own_vector_width(default_widths):
+    """16 float lanes with AVX-512, 8 with AVX2, 4 otherwise: a wider vector than the machine has is kept in memory
+    by GCC (on an AVX2-only EPYC a 2-token pass then cost 1.6x a 1-token one)."""
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith(("flags", "Features")):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    want = 16 if "avx512f" in flags else 8 if "avx" in flags else 4
+    assert kernels.vector_lanes() == want, (sorted(f for f in flags if f.startswith("avx")), want)
 
 
 def test_a_bad_block_width_is_refused_with_the_allowed_ones(default_widths):

@@ -5,20 +5,53 @@
  * x, A * RN <= 16 vector accumulators run along `in`; the A weight rows are loaded from memory once and stay in L1
  * while the other rows of x use them. A (1, 2 or 4) is set per row count by measurement on each machine
  * (mtplab_set_block_width). Weight rows a few rows ahead are prefetched, so the memory system is busy while the
- * block computes. Plain C with GCC/Clang vector extensions: the compiler maps v16 to AVX-512, AVX2, NEON or scalar
- * code for the machine it compiles on (-march=native).
- * Results differ from MKL's only by the order of float additions (about 1e-6 relative). Parallel over output
- * blocks with OpenMP (PyTorch's own runtime when the process already loaded it: the same soname, libgomp.so.1).
+ * block computes. Plain C with GCC/Clang vector extensions, VL float lanes wide: the machine's own vector width
+ * (16 with AVX-512, 8 with AVX/AVX2, 4 otherwise: SSE, NEON), chosen by the compiler's target (-march=native). A
+ * vector wider than the machine's is not split into registers by GCC 12 but kept in memory and moved through
+ * general registers: with 16 lanes on an AVX2-only AMD EPYC a pass over 2 tokens cost 1.6x a 1-token one.
+ * Results differ from MKL's only by the order of float additions (about 1e-6 relative); that order follows VL, so
+ * two machines may differ in the last bits, while on one machine every row count gives the same numbers. Parallel
+ * over output blocks with OpenMP (PyTorch's own runtime when the process already loaded it: the same soname,
+ * libgomp.so.1).
  */
 #include <string.h>
 
-typedef float v16 __attribute__((vector_size(64)));
+#if defined(__AVX512F__)
+#define VL 16
+#elif defined(__AVX__)
+#define VL 8
+#else
+#define VL 4
+#endif
+typedef float vf __attribute__((vector_size(VL * 4)));
+typedef int vfi __attribute__((vector_size(VL * 4)));
 
-static inline v16 load(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
+/* The float lanes of this build's vectors (mtplab.kernels reports it). */
+long mtplab_vector_lanes(void) { return VL; }
 
-/* Lane i of the result is the sum of all lanes of v[i]: 16 horizontal sums in 15 adds. */
-static inline v16 reduce16(const v16 *v) {
-    v16 c[8], e[4], g[2];
+static inline vf load(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+
+/* a * b + c. mtplab compiles this file with -ffp-contract=off, so the compiler never fuses a product and a sum on
+ * its own: GCC did so in some blocks and not in others, and a row's result then depended on the block width. Where
+ * the machine has FMA, these fuse explicitly, everywhere alike. */
+#if defined(__FMA__) && VL >= 8
+#include <immintrin.h>
+#if VL == 16
+static inline vf madd(vf a, vf b, vf c) { return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }
+#else
+static inline vf madd(vf a, vf b, vf c) { return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c); }
+#endif
+static inline float madd1(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
+#else
+static inline vf madd(vf a, vf b, vf c) { return a * b + c; }
+static inline float madd1(float a, float b, float c) { return a * b + c; }
+#endif
+
+/* Lane i of the result is the sum of all lanes of v[i], for VL accumulators v: one tree of shuffles and adds that
+ * treats every accumulator alike (lanes l and l + VL/2 first, then l and l + VL/4, ...). */
+static inline vf reduce_group(const vf *v) {
+#if VL == 16
+    vf c[8], e[4], g[2];
     for (int i = 0; i < 8; i++)
         c[i] = __builtin_shufflevector(v[2*i], v[2*i+1], 0,1,2,3,4,5,6,7, 16,17,18,19,20,21,22,23)
              + __builtin_shufflevector(v[2*i], v[2*i+1], 8,9,10,11,12,13,14,15, 24,25,26,27,28,29,30,31);
@@ -30,35 +63,55 @@ static inline v16 reduce16(const v16 *v) {
              + __builtin_shufflevector(e[2*i], e[2*i+1], 2,3, 6,7, 10,11, 14,15, 18,19, 22,23, 26,27, 30,31);
     return __builtin_shufflevector(g[0], g[1], 0,2,4,6,8,10,12,14,16,18,20,22,24,26,28,30)
          + __builtin_shufflevector(g[0], g[1], 1,3,5,7,9,11,13,15,17,19,21,23,25,27,29,31);
+#elif VL == 8
+    vf c[4], e[2];
+    for (int i = 0; i < 4; i++)
+        c[i] = __builtin_shufflevector(v[2*i], v[2*i+1], 0,1,2,3, 8,9,10,11)
+             + __builtin_shufflevector(v[2*i], v[2*i+1], 4,5,6,7, 12,13,14,15);
+    for (int i = 0; i < 2; i++)
+        e[i] = __builtin_shufflevector(c[2*i], c[2*i+1], 0,1, 4,5, 8,9, 12,13)
+             + __builtin_shufflevector(c[2*i], c[2*i+1], 2,3, 6,7, 10,11, 14,15);
+    return __builtin_shufflevector(e[0], e[1], 0,2,4,6,8,10,12,14) + __builtin_shufflevector(e[0], e[1], 1,3,5,7,9,11,13,15);
+#else
+    vf c[2];
+    for (int i = 0; i < 2; i++)
+        c[i] = __builtin_shufflevector(v[2*i], v[2*i+1], 0,1, 4,5) + __builtin_shufflevector(v[2*i], v[2*i+1], 2,3, 6,7);
+    return __builtin_shufflevector(c[0], c[1], 0,2,4,6) + __builtin_shufflevector(c[0], c[1], 1,3,5,7);
+#endif
 }
 
 #define PREFETCH_ROWS 4
 
 /* y[r0 .. r0+RN-1][j0 .. j0+A-1]: A weight rows times RN rows of x, A * RN <= 16 vector accumulators. Every output
- * is summed in the same order (16 lanes along `in`, the same lane reduction, the same tail) whatever A and RN are:
+ * is summed in the same order (VL lanes along `in`, the same lane reduction, the same tail) whatever A and RN are:
  * a row's result does not depend on how many rows are computed with it. WT is the weight's element type, LOADW
- * turns 16 of them into 16 floats (float32 weights, or half-precision ones below: the arithmetic is float32). */
+ * turns VL of them into VL floats (float32 weights, or half-precision ones below: the arithmetic is float32). */
 #define BLOCK_T(A, RN, WT, LOADW, SUF)                                                                    \
 static void block##SUF##_##A##_##RN(const float *x, const WT *w, float *y, long in, long out, long j0, long r0) { \
-    v16 acc[16];                                                                                           \
+    vf acc[((A) * (RN) + VL - 1) / VL * VL];  /* whole groups of VL for the reduction; the spare ones stay 0 */ \
+    float sums[sizeof acc / sizeof acc[0]];                                                                \
     memset(acc, 0, sizeof acc);                                                                            \
     const WT *w0 = w + j0 * in;                                                                            \
     long k = 0;                                                                                            \
-    for (; k + 16 <= in; k += 16) {                                                                        \
-        v16 wv[A], xv[RN];                                                                                 \
+    for (; k + VL <= in; k += VL) {                                                                        \
+        vf wv[A], xv[RN];                                                                                  \
         for (int a = 0; a < A; a++) {                                                                      \
             wv[a] = LOADW(w0 + a * in + k);                                                                \
-            if (sizeof(WT) == 4 || (k & 31) == 0) __builtin_prefetch(w0 + (a + PREFETCH_ROWS) * in + k);  \
+            if (((k * (long)sizeof(WT)) & 63) == 0) /* once per 64-byte line */                           \
+                __builtin_prefetch(w0 + (a + PREFETCH_ROWS) * in + k);                                     \
         }                                                                                                  \
         for (int r = 0; r < RN; r++) xv[r] = load(x + (r0 + r) * in + k);                                  \
         for (int a = 0; a < A; a++)                                                                        \
-            for (int r = 0; r < RN; r++) acc[a * RN + r] += wv[a] * xv[r];                                 \
+            for (int r = 0; r < RN; r++) acc[a * RN + r] = madd(wv[a], xv[r], acc[a * RN + r]);            \
     }                                                                                                      \
-    v16 sums = reduce16(acc);                                                                              \
+    for (int g = 0; g < (A) * (RN); g += VL) {                                                             \
+        vf t = reduce_group(acc + g);                                                                      \
+        memcpy(sums + g, &t, sizeof t);                                                                    \
+    }                                                                                                      \
     for (int a = 0; a < A; a++)                                                                            \
         for (int r = 0; r < RN; r++) {                                                                     \
             float s = sums[a * RN + r];                                                                    \
-            for (long kk = k; kk < in; kk++) s += (float)w0[a * in + kk] * x[(r0 + r) * in + kk];          \
+            for (long kk = k; kk < in; kk++) s = madd1((float)w0[a * in + kk], x[(r0 + r) * in + kk], s);  \
             y[(r0 + r) * out + j0 + a] = s;                                                                \
         }                                                                                                  \
 }
@@ -110,17 +163,16 @@ void mtplab_few_rows_linear(const float *x, const float *w, float *y, long n, lo
 #if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
-typedef _Float16 h16 __attribute__((vector_size(32)));
-static inline v16 load_h(const _Float16 *p) {  /* GCC 12 turns __builtin_convertvector here into 16 scalar converts */
-#if defined(__AVX512F__)
+typedef _Float16 hv __attribute__((vector_size(VL * 2)));
+static inline vf load_h(const _Float16 *p) {  /* GCC 12 turns __builtin_convertvector here into scalar converts */
+#if VL == 16
     __m512 f = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
-    v16 v; memcpy(&v, &f, sizeof v); return v;
-#elif defined(__F16C__)
-    __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
-    __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 8)));
-    v16 v; memcpy(&v, &lo, 32); memcpy((char *)&v + 32, &hi, 32); return v;
+    vf v; memcpy(&v, &f, sizeof v); return v;
+#elif VL == 8 && defined(__F16C__)
+    __m256 f = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+    vf v; memcpy(&v, &f, sizeof v); return v;
 #else
-    h16 v; memcpy(&v, p, sizeof v); return __builtin_convertvector(v, v16);
+    hv v; memcpy(&v, p, sizeof v); return __builtin_convertvector(v, vf);
 #endif
 }
 BLOCK_T(4, 1, _Float16, load_h, _h) BLOCK_T(4, 2, _Float16, load_h, _h) BLOCK_T(4, 3, _Float16, load_h, _h)
@@ -152,53 +204,51 @@ void mtplab_few_rows_linear_f16(const float *x, const _Float16 *w, float *y, lon
 #include <math.h>
 #include <stdlib.h>
 
-typedef int v16i __attribute__((vector_size(64)));
+static inline vf select_lanes(vfi mask, vf a, vf b) { return (vf)((mask & (vfi)a) | (~mask & (vfi)b)); }
 
-static inline v16 select16(v16i mask, v16 a, v16 b) { return (v16)((mask & (v16i)a) | (~mask & (v16i)b)); }
-
-/* exp(x) for 16 floats at once (Cephes' expf: reduce by ln 2, a degree-6 polynomial, scale by 2^n; within 2 ulp of
+/* exp(x) for VL floats at once (Cephes' expf: reduce by ln 2, a degree-6 polynomial, scale by 2^n; within 2 ulp of
  * expf). -inf gives exactly 0, NaN stays NaN. glibc's scalar expf, called ~85,000 times a token by the attention
  * softmax and SiLU, took ~3 ms of a 26 ms step. */
-static inline v16 vexp(v16 x) {
-    v16 zero = {0}, one = zero + 1.0f;
-    v16i neg_inf = x == zero - __builtin_inff();
-    x = select16(x < zero - 87.3f, zero - 87.3f, x);
-    x = select16(x > zero + 88.7f, zero + 88.7f, x);
-    v16 t = x * 1.44269504088896341f + 0.5f;
-    v16 fi = __builtin_convertvector(__builtin_convertvector(t, v16i), v16);
-    fi -= (v16)((fi > t) & (v16i)one);  /* floor */
+static inline vf vexp(vf x) {
+    vf zero = {0}, one = zero + 1.0f;
+    vfi neg_inf = x == zero - __builtin_inff();
+    x = select_lanes(x < zero - 87.3f, zero - 87.3f, x);
+    x = select_lanes(x > zero + 88.7f, zero + 88.7f, x);
+    vf t = x * 1.44269504088896341f + 0.5f;
+    vf fi = __builtin_convertvector(__builtin_convertvector(t, vfi), vf);
+    fi -= (vf)((fi > t) & (vfi)one);  /* floor */
     x = x - fi * 0.693359375f + fi * 2.12194440e-4f;
-    v16 z = x * x;
-    v16 y = ((((((1.9875691500E-4f * x + 1.3981999507E-3f) * x + 8.3334519073E-3f) * x + 4.1665795894E-2f) * x
+    vf z = x * x;
+    vf y = ((((((1.9875691500E-4f * x + 1.3981999507E-3f) * x + 8.3334519073E-3f) * x + 4.1665795894E-2f) * x
                + 1.6666665459E-1f) * x + 5.0000001201E-1f) * z + x + 1.0f);
-    v16 scale = (v16)((__builtin_convertvector(fi, v16i) + 127) << 23);
-    return select16(neg_inf, zero, y * scale);
+    vf scale = (vf)((__builtin_convertvector(fi, vfi) + 127) << 23);
+    return select_lanes(neg_inf, zero, y * scale);
 }
 
-/* a[i] = exp(a[i]) for i < len: 16 at a time, the tail through the same code (every element gets the same result
+/* a[i] = exp(a[i]) for i < len: VL at a time, the tail through the same code (every element gets the same result
  * wherever it sits). */
 static void exp_inplace(float *a, long len) {
     long i = 0;
-    for (; i + 16 <= len; i += 16) {
-        v16 v = vexp(load(a + i));
+    for (; i + VL <= len; i += VL) {
+        vf v = vexp(load(a + i));
         memcpy(a + i, &v, sizeof v);
     }
     if (i < len) {
-        v16 v = {0};
+        vf v = {0};
         memcpy(&v, a + i, sizeof(float) * (len - i));
         v = vexp(v);
         memcpy(a + i, &v, sizeof(float) * (len - i));
     }
 }
 
-/* sum(a[i] * b[i]) in 16 lanes, then the lanes in a fixed order (the compiler may not reorder a float sum). */
+/* sum(a[i] * b[i]) in VL lanes, then the lanes in a fixed order (the compiler may not reorder a float sum). */
 static float dot(const float *a, const float *b, long len) {
-    v16 acc = {0};
+    vf acc = {0};
     long i = 0;
-    for (; i + 16 <= len; i += 16) acc += load(a + i) * load(b + i);
+    for (; i + VL <= len; i += VL) acc = madd(load(a + i), load(b + i), acc);
     float s = 0;
-    for (int l = 0; l < 16; l++) s += acc[l];
-    for (; i < len; i++) s += a[i] * b[i];
+    for (int l = 0; l < VL; l++) s += acc[l];
+    for (; i < len; i++) s = madd1(a[i], b[i], s);
     return s;
 }
 
