@@ -10,7 +10,9 @@ made a 5-token pass cost 1.1x a one-token pass on one Xeon and 2.0x on another. 
 - ``linear``: ``F.linear`` as transformers calls it (MKL/oneDNN/OpenBLAS, whatever torch was built with);
 - ``mm_t``: ``(W @ x.T).T``, one GEMM call with the weight as the left operand;
 - ``stream``: mtplab's own C kernel (``mtplab/csrc/few_rows.c``), which reads each weight row once for all rows of
-  x; compiled once with the machine's C compiler, where there is one;
+  x; compiled once with the machine's C compiler, where there is one, in vectors of the machine's own width
+  (:func:`vector_lanes`: 16 floats with AVX-512, 8 with AVX2; 16-float vectors on an AVX2-only EPYC made a 4-token
+  pass cost 3x a 1-token one);
 - ``transposed``: ``x @ W_t`` with a contiguous transposed copy of the weight (extra memory);
 - ``mkl_packed``: MKL's packed-weight GEMM, where torch has it (extra memory).
 
