@@ -114,9 +114,12 @@ heads = parse_heads(args.heads)
 val = datagen.dev_answers(target, out, max_new_tokens=args.max_new_tokens, progress=False, log=log) \
     if args.val == "dev" else None
 store = out / ("teacher" if args.run == "train" else f"{args.run}_teacher")
+# --init-from: a run under OUT, else a folder as given (relative to here: mtplab/data/... from the repo root)
+init_from = None if args.init_from is None else next(
+    (p for p in (out / args.init_from, Path(args.init_from)) if p.exists()), out / args.init_from)
 train_on_sequences(target, sequences, out / args.run, heads=heads, draft_vocab_size=args.draft_vocab,
                    steps=args.steps, batch_size=args.train_batch, lr=args.lr, time_budget=60 * args.train_minutes,
-                   restart=args.restart, init_from=None if args.init_from is None else out / args.init_from,
+                   restart=args.restart, init_from=init_from,
                    precision=args.precision, val_sequences=val, log_every=200, checkpoint_every=200, log=log,
                    progress=False,
                    cache_teacher=store if args.teacher_store else False,
