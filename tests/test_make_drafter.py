@@ -21,9 +21,10 @@ SMALL = ["--limit", "6", "--max-new-tokens", "12", "--gen-minutes", "1", "--trai
          "--train-batch", "2", "--batch-size", "4", "--draft-vocab", "512"]
 
 
-def make(out: Path, steps: int, heads: str) -> str:
+def make(out: Path, steps: int, heads: str, *more: str, cwd=None) -> str:
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_mtp_drafter.py"), str(out), *SMALL,
-                        "--heads", heads, "--steps", str(steps)], capture_output=True, text=True, timeout=600)
+                        "--heads", heads, "--steps", str(steps), *more], capture_output=True, text=True, timeout=600,
+                       cwd=cwd)
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout
 
@@ -57,6 +58,11 @@ def test_the_one_command_makes_a_drafter_that_loads_decodes_exactly_and_exports(
 
     if heads != "eagle3":
         return  # (MTP heads have no vLLM format: the export refuses them, tests/test_export.py)
+    # --init-from a saved drafter's folder given relative to where the script runs, as the model card writes it
+    # (mtplab/data/eagle3-smollm2-135m): read from there, not joined onto OUT; a new run goes on from its 6 steps
+    onward = make(Path("run"), 2, heads, "--gen-minutes", "0", "--run", "train2", "--init-from", "run/train/head0",
+                  cwd=tmp_path)
+    assert "starting from the drafter in run/train/head0 (6 steps trained)" in onward and "step 8 head 0 " in onward
     assert main(["export-drafter", str(tmp_path / "vllm"), "--format", "speculators", "--drafter",
                  str(out / "train" / "head0")]) == 0
     config = json.loads((tmp_path / "vllm" / "config.json").read_text())
