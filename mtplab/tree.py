@@ -105,12 +105,22 @@ def check_cache(cache) -> None:
 
 def keep_cache_rows(cache, start: int, rows: list) -> None:
     """Keep the first ``start`` positions of every layer's KV cache, then only the given rows after them
-    (``rows`` counted from ``start``), in that order. (Plain full-attention layers: see :func:`check_cache`.)"""
+    (``rows`` counted from ``start``), in that order. (Plain full-attention layers: see :func:`check_cache`.)
+
+    A :class:`~mtplab.models.GrowingLayer` moves the kept rows down inside its buffer and shortens its views, as a
+    rollback does: joining the rows into new tensors (``torch.cat``) copied the whole cache, and the next pass,
+    finding its keys outside the buffer, copied it again (two copies of the cache every tree round)."""
     index = None
     for layer in cache.layers:
         if not layer.is_initialized or layer.keys.numel() == 0:
             continue
         if index is None or index.device != layer.keys.device:
             index = torch.tensor([start + r for r in rows], device=layer.keys.device)
+        if isinstance(layer, GrowingLayer):
+            end = start + len(rows)
+            layer.keys[..., start:end, :] = layer.keys.index_select(-2, index)  # (a copy first: rows may overlap)
+            layer.values[..., start:end, :] = layer.values.index_select(-2, index)
+            layer.keys, layer.values = layer.keys[..., :end, :], layer.values[..., :end, :]
+            continue
         layer.keys = torch.cat([layer.keys[..., :start, :], layer.keys.index_select(-2, index)], dim=-2)
         layer.values = torch.cat([layer.values[..., :start, :], layer.values.index_select(-2, index)], dim=-2)

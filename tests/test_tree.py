@@ -52,6 +52,7 @@ def test_a_tree_pass_scores_each_branch_as_a_chain_pass(seed, attention):
             tree_cache = new_cache(target.model)
             forward(target.model, ids[:-1], tree_cache)
             forward(target.model, [ids[-1]] + tree.tokens, tree_cache, tree=tree)
+            buffers = [layer._kbuf for layer in tree_cache.layers]
             keep_cache_rows(tree_cache, past, rows)
             crop_cache(cache, past)
             chain_logits, chain_hidden = forward(target.model, [ids[-1]] + branch, cache, hidden=True)
@@ -59,6 +60,9 @@ def test_a_tree_pass_scores_each_branch_as_a_chain_pass(seed, attention):
             torch.testing.assert_close(hidden[rows], chain_hidden, atol=1e-5, rtol=1e-4)
             assert tree_cache.get_seq_length() == cache.get_seq_length() == past + 1 + len(branch)
             after_tree = forward(target.model, [5], tree_cache)[0]
+            # the rows were moved inside the cache's buffers, which the next pass kept writing into (no copy)
+            assert all(layer._kbuf is buf and layer.keys.data_ptr() == buf.data_ptr()
+                       for layer, buf in zip(tree_cache.layers, buffers))
             after_chain = forward(target.model, [5], cache)[0]
             torch.testing.assert_close(after_tree, after_chain, atol=1e-5, rtol=1e-4)
             crop_cache(cache, past)
